@@ -1,0 +1,649 @@
+"""Unit and in-process integration tests for smsp.py.
+
+Everything runs over real sockets on 127.0.0.1 with port 0, against the
+strict fake providers in fakes.py.  Breakers and the idempotency store get a
+fake clock and a fake timer, so no test sleeps to cross a poll interval.
+Timing numbers never appear in assertions except as generous upper bounds
+that prove a request was bounded at all.
+"""
+
+import ast
+import json
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import smsp
+from testkit import (
+    EMAIL,
+    POLL,
+    FakeClock,
+    FakeTimers,
+    Lines,
+    make_config,
+)
+
+# ------------------------------------------------------------ configuration ---
+
+
+def test_config_with_only_mock_and_key_uses_documented_defaults() -> None:
+    config = smsp.Config.from_env({"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true"})
+    assert config.api_keys == ("k",)
+    assert config.active_providers == ("mock",)
+    assert (config.timeout, config.poll_interval, config.poll_interval_max) == (2.0, 5.0, 60.0)
+    assert (config.failure_threshold, config.max_body_bytes) == (1, 1 << 20)
+    assert (config.host, config.port, config.log_format) == ("0.0.0.0", 8080, "DEBUG")
+    assert (config.max_connections, config.client_timeout, config.shutdown_grace) == \
+        (1024, 10.0, 10.0)
+    assert (config.idempotency_ttl, config.idempotency_max) == (86400.0, 10000)
+    assert (config.pool_size, config.pool_idle, config.workers) == (16, 15.0, 1)
+
+
+def test_config_reports_every_missing_variable_at_once() -> None:
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.Config.from_env({})
+    text = str(caught.value)
+    for name in ("SMSP_API_KEY", "SMSP_MG_DOMAIN", "SMSP_MG_API_KEY", "SMSP_SG_API_KEY",
+                 "SMSP_POLL_MESSAGE_ADDRESS"):
+        assert name in text
+
+
+GOOD_VALUES = [
+    ("SMSP_API_KEY", " a , b ,c", "api_keys", ("a", "b", "c")),
+    ("SMSP_MOCK_EMAIL_SERVICE", "TRUE", "mock", True),
+    ("SMSP_PROVIDERS", "sendgrid", "providers", ("sendgrid",)),
+    ("SMSP_MG_DOMAIN", "mg.example.com", "mg_domain", "mg.example.com"),
+    ("SMSP_MG_API_KEY", "mgk", "mg_api_key", "mgk"),
+    ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/", "mg_base_url", "https://api.eu.mailgun.net"),
+    ("SMSP_SG_API_KEY", "SG.x", "sg_api_key", "SG.x"),
+    ("SMSP_SG_BASE_URL", "http://127.0.0.1:9", "sg_base_url", "http://127.0.0.1:9"),
+    ("SMSP_POLL_MESSAGE_ADDRESS", "p@example.com", "poll_address", "p@example.com"),
+    ("SMSP_TIMEOUT", "0.5", "timeout", 0.5),
+    ("SMSP_POLL_INTERVAL", "2", "poll_interval", 2.0),
+    ("SMSP_POLL_INTERVAL_MAX", "90", "poll_interval_max", 90.0),
+    ("SMSP_FAILURE_THRESHOLD", "3", "failure_threshold", 3),
+    ("SMSP_MAX_BODY_BYTES", "2048", "max_body_bytes", 2048),
+    ("SMSP_HOST", "127.0.0.1", "host", "127.0.0.1"),
+    ("SMSP_PORT", "9090", "port", 9090),
+    ("SMSP_LOG_OUTPUT_FORMAT", "json_online", "log_format", "JSON_ONELINE"),
+    ("SMSP_LOG_OUTPUT_FORMAT", "JSON_PRETTY", "log_format", "JSON_PRETTY"),
+    ("SMSP_LOG_OUTPUT_DEBUG", "yes", "log_debug", True),
+    ("SMSP_MAX_CONNECTIONS", "10", "max_connections", 10),
+    ("SMSP_CLIENT_TIMEOUT", "3", "client_timeout", 3.0),
+    ("SMSP_SHUTDOWN_GRACE", "0", "shutdown_grace", 0.0),
+    ("SMSP_IDEMPOTENCY_TTL", "60", "idempotency_ttl", 60.0),
+    ("SMSP_IDEMPOTENCY_MAX", "5", "idempotency_max", 5),
+    ("SMSP_POOL_SIZE", "0", "pool_size", 0),
+    ("SMSP_POOL_IDLE", "1.5", "pool_idle", 1.5),
+    ("SMSP_WORKERS", "2", "workers", 2),
+]
+
+
+@pytest.mark.parametrize(("env", "raw", "field", "expected"), GOOD_VALUES)
+def test_config_parses_every_variable(env: str, raw: str, field: str, expected: Any) -> None:
+    base = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", env: raw}
+    assert getattr(smsp.Config.from_env(base), field) == expected
+
+
+def test_every_setting_has_a_good_value_test() -> None:
+    assert {s.env for s in smsp.SETTINGS} - {"SMSP_TLS_CERT", "SMSP_TLS_KEY"} == \
+        {env for env, *_ in GOOD_VALUES}
+
+
+BAD_VALUES = [
+    ("SMSP_API_KEY", " , "), ("SMSP_MOCK_EMAIL_SERVICE", "maybe"), ("SMSP_PROVIDERS", "postmark"),
+    ("SMSP_PROVIDERS", "mailgun,mailgun"), ("SMSP_MG_BASE_URL", "ftp://x"),
+    ("SMSP_SG_BASE_URL", "http://h:99999"), ("SMSP_TIMEOUT", "0"), ("SMSP_TIMEOUT", "soon"),
+    ("SMSP_TIMEOUT", "nan"), ("SMSP_POLL_INTERVAL", "-1"), ("SMSP_POLL_INTERVAL_MAX", "0"),
+    ("SMSP_FAILURE_THRESHOLD", "0"), ("SMSP_FAILURE_THRESHOLD", "1.5"),
+    ("SMSP_MAX_BODY_BYTES", "0"), ("SMSP_PORT", "-1"), ("SMSP_LOG_OUTPUT_FORMAT", "XML"),
+    ("SMSP_LOG_OUTPUT_DEBUG", "2"), ("SMSP_MAX_CONNECTIONS", "0"),
+    ("SMSP_CLIENT_TIMEOUT", "0"), ("SMSP_SHUTDOWN_GRACE", "-1"), ("SMSP_IDEMPOTENCY_TTL", "0"),
+    ("SMSP_IDEMPOTENCY_MAX", "0"), ("SMSP_POOL_SIZE", "-1"), ("SMSP_POOL_IDLE", "0"),
+    ("SMSP_WORKERS", "0"), ("SMSP_TLS_CERT", "/nonexistent.pem"),
+]
+
+
+@pytest.mark.parametrize(("env", "raw"), BAD_VALUES)
+def test_config_names_each_bad_value(env: str, raw: str) -> None:
+    base = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", env: raw}
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.Config.from_env(base)
+    assert any(p.startswith(env) for p in caught.value.problems), caught.value.problems
+
+
+def test_config_reports_several_bad_values_together() -> None:
+    env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_TIMEOUT": "x",
+           "SMSP_PORT": "y", "SMSP_POLL_INTERVAL": "9", "SMSP_POLL_INTERVAL_MAX": "3"}
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.Config.from_env(env)
+    assert len(caught.value.problems) == 3
+
+
+def test_config_requires_provider_keys_only_outside_mock_mode() -> None:
+    env = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "sendgrid", "SMSP_SG_API_KEY": "SG.k",
+           "SMSP_POLL_MESSAGE_ADDRESS": "not an address"}
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.Config.from_env(env)
+    assert caught.value.problems == ["SMSP_POLL_MESSAGE_ADDRESS must be an address like "
+                                     "user@example.com or Name <user@example.com>"]
+    env["SMSP_POLL_MESSAGE_ADDRESS"] = "poll@example.com"
+    assert smsp.Config.from_env(env).active_providers == ("sendgrid",)
+
+
+def test_tls_cert_and_key_must_come_together(tmp_path: Any) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_TLS_CERT": str(cert)}
+    with pytest.raises(smsp.ConfigError, match="SMSP_TLS_CERT and SMSP_TLS_KEY"):
+        smsp.Config.from_env(env)
+
+
+def test_cli_host_and_port_override_the_environment() -> None:
+    env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_PORT": "1"}
+    config = smsp.Config.from_env(env, host="127.0.0.2", port=0)
+    assert (config.host, config.port) == ("127.0.0.2", 0)
+
+
+def test_main_without_configuration_exits_2_naming_every_missing_variable(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert smsp.main([], environ={}) == 2
+    err = capsys.readouterr().err
+    for name in ("SMSP_API_KEY", "SMSP_MG_DOMAIN", "SMSP_SG_API_KEY", "SMSP_POLL_MESSAGE_ADDRESS"):
+        assert name in err
+    assert "SMSP_MOCK_EMAIL_SERVICE=true" in err
+
+
+def test_help_lists_every_variable_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        smsp.main(["--help"], environ={})
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    for setting in smsp.SETTINGS:
+        assert setting.env in out
+    assert "[https://api.mailgun.net]" in out and "[1048576]" in out
+
+
+def test_check_config_masks_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"SMSP_API_KEY": "topsecret1,topsecret2", "SMSP_MG_DOMAIN": "mg.example.com",
+           "SMSP_MG_API_KEY": "mgsecret", "SMSP_SG_API_KEY": "sgsecret",
+           "SMSP_POLL_MESSAGE_ADDRESS": "p@example.com"}
+    assert smsp.main(["--check-config"], environ=env) == 0
+    out = capsys.readouterr().out
+    assert "secret" not in out
+    assert "SMSP_API_KEY=****,****" in out and "SMSP_MG_DOMAIN=mg.example.com" in out
+
+
+def test_check_config_with_problems_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert smsp.main(["--check-config"], environ={"SMSP_API_KEY": "k"}) == 2
+    assert "SMSP_MG_DOMAIN is required" in capsys.readouterr().err
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        smsp.main(["--version"], environ={})
+    assert capsys.readouterr().out.strip() == f"smsp {smsp.VERSION}"
+
+
+# --------------------------------------------------------------- validation ---
+
+GOOD_ADDRESSES = [
+    ("a@example.com", smsp.Address("a@example.com")),
+    ("first.last+tag@sub.example.co.uk", smsp.Address("first.last+tag@sub.example.co.uk")),
+    ("Alice Example <alice@example.com>", smsp.Address("alice@example.com", "Alice Example")),
+    ("Zoë Ünïcode <z@example.com>", smsp.Address("z@example.com", "Zoë Ünïcode")),
+    ("<bare@example.com>", smsp.Address("bare@example.com")),
+    ("x@xn--80ak6aa92e.xn--p1ai", smsp.Address("x@xn--80ak6aa92e.xn--p1ai")),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), GOOD_ADDRESSES)
+def test_valid_addresses_are_accepted(text: str, expected: smsp.Address) -> None:
+    assert smsp.parse_address("toaddress", text) == expected
+
+
+BAD_ADDRESSES = [
+    (42, "must be a string"),
+    ("", "must not be empty"),
+    ("no-at-sign", "must be an address"),
+    ("a@b", "must be an address"),
+    ("two@@example.com", "must be an address"),
+    ("a b@example.com", "must be an address"),
+    ("Name <a@example.com", "must be an address"),
+    ('"Quoted" <a@example.com>', "must be an address"),
+    ("Doe, John <a@example.com>", "must be an address"),
+    ("a@example.com\r\nBcc: victim@example.com", "control characters"),
+    ("a@example.com\n", "control characters"),
+    ("Name\t<a@example.com>", "control characters"),
+    ("a@exa\x00mple.com", "control characters"),
+    ("a@example.com\u2028", "control characters"),
+    ("x" * 65 + "@example.com", "local part of at most 64"),
+    ("a@" + ("b" * 60 + ".") * 5 + "com", "at most 254"),
+    ("N" * 300 + " <a@example.com>", "at most 320"),
+]
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD_ADDRESSES)
+def test_invalid_addresses_are_refused_with_the_reason(value: Any, reason: str) -> None:
+    with pytest.raises(smsp.ValidationError) as caught:
+        smsp.parse_address("toaddress", value)
+    assert caught.value.field == "toaddress"
+    assert reason in caught.value.reason
+
+
+def test_address_pattern_is_the_one_published_in_the_openapi_document() -> None:
+    doc = smsp.openapi_document(make_config())
+    email = doc["components"]["schemas"]["Email"]["properties"]
+    assert email["fromaddress"]["pattern"] == smsp.ADDRESS_PATTERN
+    assert email["toaddress"]["maxLength"] == 320
+
+
+def test_message_defaults_and_unknown_fields() -> None:
+    message = smsp.parse_message({"fromaddress": "a@example.com", "toaddress": "b@example.com",
+                                  "cc": "ignored@example.com"})
+    assert (message.subject, message.body) == ("", "")
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"toaddress": "b@example.com"}, "fromaddress: is required"),
+    ({"fromaddress": "a@example.com"}, "toaddress: is required"),
+    ({**EMAIL, "subject": 5}, "subject: must be a string"),
+    ({**EMAIL, "subject": "hi\r\nBcc: x@example.com"}, "subject: must not contain CR, LF"),
+    ({**EMAIL, "subject": "s" * 999}, "subject: must be at most 998"),
+    ({**EMAIL, "plaintextbody": ["x"]}, "plaintextbody: must be a string"),
+    ({**EMAIL, "plaintextbody": "a\x00b"}, "plaintextbody: must not contain NUL"),
+    ({**EMAIL, "plaintextbody": "\ud800"}, "plaintextbody: contains an unpaired surrogate"),
+    ({**EMAIL, "subject": "\udfff"}, "subject: contains an unpaired surrogate"),
+])
+def test_message_field_rules(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(smsp.ValidationError) as caught:
+        smsp.parse_message(document)
+    assert str(caught.value).startswith(message)
+
+
+def test_multiline_body_with_tabs_is_fine() -> None:
+    message = smsp.parse_message({**EMAIL, "plaintextbody": "a\r\n\tb\nc"})
+    assert message.body == "a\r\n\tb\nc"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"\xef\xbb\xbf{}", "byte-order mark"),
+    (b'{"a": 1, "a": 2}', "duplicate key 'a'"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "malformed JSON"),
+    (b'{"a": NaN}', "NaN is not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"", "malformed JSON"),
+    (b'{"a": "\x00"}', "malformed JSON"),
+])
+def test_json_body_rules(raw: bytes, message: str) -> None:
+    with pytest.raises(smsp.ValidationError) as caught:
+        smsp.parse_json_object(raw)
+    assert message in str(caught.value)
+
+
+# ----------------------------------------------------------- circuit breaker ---
+
+
+class Probe:
+    """A breaker probe whose answers the test scripts."""
+
+    def __init__(self) -> None:
+        self.answers: list[str | None] = []
+        self.calls = 0
+
+    def __call__(self) -> str | None:
+        self.calls += 1
+        return self.answers.pop(0) if self.answers else None
+
+
+def make_breaker(threshold: int = 1, **kw: Any
+                 ) -> tuple[smsp.CircuitBreaker, FakeClock, FakeTimers, Probe, list[Any]]:
+    clock, timers, probe, changes = FakeClock(), FakeTimers(), Probe(), []
+    breaker = smsp.CircuitBreaker("mailgun", probe, threshold=threshold, interval=5,
+                                  interval_max=60, clock=clock, timer=timers,
+                                  on_change=changes.append, epoch=0.0, **kw)
+    return breaker, clock, timers, probe, changes
+
+
+def test_breaker_opens_after_threshold_consecutive_failures() -> None:
+    breaker, _, timers, _, changes = make_breaker(threshold=3)
+    for _ in range(2):
+        breaker.on_failure(breaker.acquire(), "HTTP 500")
+    breaker.on_success(breaker.acquire())  # a success resets the count
+    for _ in range(2):
+        breaker.on_failure(breaker.acquire(), "HTTP 500")
+    assert breaker.state is smsp.State.CLOSED and not timers.scheduled
+    breaker.on_failure(breaker.acquire(), "HTTP 503")
+    assert breaker.state is smsp.State.OPEN
+    assert changes == [smsp.StateChange("mailgun", smsp.State.CLOSED, smsp.State.OPEN,
+                                        "HTTP 503")]
+    assert [t.delay for t in timers.scheduled] == [5]
+
+
+def test_open_circuit_sends_no_real_mail() -> None:
+    breaker, *_ = make_breaker()
+    breaker.on_failure(breaker.acquire(), "boom")
+    assert breaker.acquire() is None
+
+
+def test_failed_polls_back_off_doubling_up_to_the_maximum() -> None:
+    breaker, _clock, timers, probe, _ = make_breaker()
+    breaker.on_failure(breaker.acquire(), "boom")
+    probe.answers = ["down"] * 6
+    for _ in range(6):
+        timers.fire_next()
+    assert [t.delay for t in timers.scheduled] == [5, 10, 20, 40, 60, 60, 60]
+    assert breaker.state is smsp.State.OPEN and probe.calls == 6
+    assert breaker.snapshot()["last_error"] == "down"
+    assert breaker.retry_after() == 60
+
+
+def test_successful_poll_closes_the_circuit_and_resets_the_interval() -> None:
+    breaker, _clock, timers, probe, changes = make_breaker()
+    breaker.on_failure(breaker.acquire(), "boom")
+    probe.answers = ["down", None]
+    timers.fire_next()
+    timers.fire_next()
+    assert breaker.state is smsp.State.CLOSED and breaker.acquire() is not None
+    assert changes[-1] == smsp.StateChange("mailgun", smsp.State.OPEN, smsp.State.CLOSED,
+                                           "poll succeeded")
+    assert not timers.pending
+    breaker.on_failure(breaker.acquire(), "again")
+    assert timers.pending[0].delay == 5
+
+
+def test_stale_results_from_an_earlier_generation_are_ignored() -> None:
+    breaker, _, timers, _, _ = make_breaker()
+    slow = breaker.acquire()  # an attempt that started while closed...
+    breaker.on_failure(breaker.acquire(), "fast failure")  # ...then the circuit opened
+    timers.fire_next()  # ...and closed again after a good poll
+    assert breaker.state is smsp.State.CLOSED
+    breaker.on_failure(slow, "late failure of the slow attempt")
+    assert breaker.state is smsp.State.CLOSED
+    assert breaker.snapshot()["consecutive_failures"] == 0
+
+
+def test_stopped_breaker_cancels_its_poll_and_ignores_late_timers() -> None:
+    breaker, _, timers, probe, _ = make_breaker()
+    breaker.on_failure(breaker.acquire(), "boom")
+    timer = timers.scheduled[0]
+    breaker.stop()
+    assert timer.cancelled
+    timer.function()  # a timer that fired anyway does nothing
+    assert probe.calls == 0
+
+
+def test_snapshot_reports_times_in_iso_utc() -> None:
+    breaker, clock, *_ = make_breaker()
+    clock.now = 86400.5
+    breaker.on_failure(breaker.acquire(), "HTTP 500")
+    snap = breaker.snapshot()
+    assert snap == {"name": "mailgun", "state": "open", "consecutive_failures": 1,
+                    "opened_at": "1970-01-02T00:00:00.500Z",
+                    "next_poll_at": "1970-01-02T00:00:05.500Z", "last_error": "HTTP 500"}
+
+
+def test_breaker_callbacks_run_outside_the_lock() -> None:
+    seen = []
+    breaker_box: list[smsp.CircuitBreaker] = []
+
+    def on_change(change: smsp.StateChange) -> None:
+        seen.append(breaker_box[0].snapshot()["state"])  # would deadlock under the lock
+
+    breaker = smsp.CircuitBreaker("x", lambda: None, clock=FakeClock(), timer=FakeTimers(),
+                                  on_change=on_change)
+    breaker_box.append(breaker)
+    worker = threading.Thread(target=lambda: breaker.on_failure(breaker.acquire(), "e"))
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive() and seen == ["open"]
+
+
+def test_breaker_stays_consistent_under_eight_threads() -> None:
+    breaker, _, timers, _, changes = make_breaker(threshold=4000)
+    generation = breaker.acquire()
+    start = threading.Barrier(8)
+
+    def hammer() -> None:
+        start.wait()
+        for _ in range(1000):
+            breaker.on_failure(generation, "e")
+            breaker.acquire()
+            breaker.snapshot()
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # exactly one transition, exactly one poll scheduled, every failure counted until it opened
+    assert len(changes) == 1 and len(timers.scheduled) == 1
+    assert breaker.snapshot()["consecutive_failures"] == 4000
+
+
+def test_probe_counts_a_rejection_as_healthy_and_other_failures_as_down() -> None:
+    class Scripted(smsp.Provider):
+        name = "scripted"
+
+        def __init__(self, error: smsp.ProviderError | None) -> None:
+            self.error = error
+
+        def send(self, message: smsp.Message, deadline: float) -> smsp.Receipt:
+            if self.error:
+                raise self.error
+            return smsp.Receipt(self.name, "id")
+
+    poll = smsp.Message(smsp.Address(POLL), smsp.Address(POLL), "poll", "poll")
+    rejected = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400")
+    down = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 503")
+    assert smsp.make_probe(Scripted(None), poll, 1)() is None
+    assert smsp.make_probe(Scripted(rejected), poll, 1)() is None
+    assert smsp.make_probe(Scripted(down), poll, 1)() == "HTTP 503"
+
+
+# ---------------------------------------------------- classification table ---
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (200, smsp.Outcome.SENT), (202, smsp.Outcome.SENT), (299, smsp.Outcome.SENT),
+    (400, smsp.Outcome.REJECTED), (413, smsp.Outcome.REJECTED), (422, smsp.Outcome.REJECTED),
+    (301, smsp.Outcome.NOT_SENT), (401, smsp.Outcome.NOT_SENT), (403, smsp.Outcome.NOT_SENT),
+    (404, smsp.Outcome.NOT_SENT), (402, smsp.Outcome.NOT_SENT), (429, smsp.Outcome.NOT_SENT),
+    (500, smsp.Outcome.NOT_SENT), (503, smsp.Outcome.NOT_SENT), (504, smsp.Outcome.NOT_SENT),
+])
+def test_status_classification(status: int, outcome: smsp.Outcome) -> None:
+    assert smsp.classify_status(status) is outcome
+
+
+class StubProvider(smsp.Provider):
+    """A provider that raises scripted errors and counts calls."""
+
+    def __init__(self, name: str, error: smsp.ProviderError | None = None) -> None:
+        self.name = name  # type: ignore[misc]
+        self.error = error
+        self.calls = 0
+
+    def send(self, message: smsp.Message, deadline: float) -> smsp.Receipt:
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return smsp.Receipt(self.name, f"{self.name}-id")
+
+
+def dispatch(first: smsp.ProviderError | None, second: smsp.ProviderError | None = None,
+             opened: tuple[str, ...] = ()) -> tuple[Any, list[StubProvider], list[Any]]:
+    clock = FakeClock()
+    providers = [StubProvider("mailgun", first), StubProvider("sendgrid", second)]
+    routes = [smsp.Route(p, smsp.CircuitBreaker(p.name, lambda: None, clock=clock,
+                                                timer=FakeTimers(), interval=5))
+              for p in providers]
+    for route in routes:
+        if route.provider.name in opened:
+            route.breaker.on_failure(route.breaker.acquire(), "down")
+    clock.advance(1.5)
+    dispatcher = smsp.Dispatcher(routes, timeout=2, log=smsp.Logger(write=lambda line: None),
+                                 metrics=smsp.Metrics())
+    try:
+        result: Any = dispatcher.send(smsp.parse_message(EMAIL))
+    except smsp.DeliveryFailed as failure:
+        result = failure
+    return result, providers, [r.breaker.state for r in routes]
+
+
+NOT_SENT = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 500", status=500)
+REJECTED = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400", status=400,
+                              provider_message="'to' parameter is not a valid address")
+TIMED_OUT = smsp.ProviderError(smsp.Outcome.UNKNOWN, "timed out", timed_out=True)
+RESET = smsp.ProviderError(smsp.Outcome.UNKNOWN, "ConnectionResetError")
+
+
+def test_not_sent_fails_over_to_the_next_provider() -> None:
+    result, providers, states = dispatch(NOT_SENT)
+    assert isinstance(result, smsp.Receipt) and result.provider == "sendgrid"
+    assert [p.calls for p in providers] == [1, 1]
+    assert states == [smsp.State.OPEN, smsp.State.CLOSED]
+
+
+def test_rejection_is_final_and_keeps_the_breaker_closed() -> None:
+    result, providers, states = dispatch(REJECTED)
+    assert (result.status, result.delivery) == (422, smsp.Delivery.NOT_SENT)
+    assert "not a valid address" in result.message
+    assert [p.calls for p in providers] == [1, 0]
+    assert states == [smsp.State.CLOSED, smsp.State.CLOSED]
+
+
+def test_timeout_after_writing_is_504_unknown_and_never_fails_over() -> None:
+    result, providers, states = dispatch(TIMED_OUT)
+    assert (result.status, result.delivery) == (504, smsp.Delivery.UNKNOWN)
+    assert [p.calls for p in providers] == [1, 0]
+    assert states == [smsp.State.OPEN, smsp.State.CLOSED]
+
+
+def test_broken_reply_after_writing_is_502_unknown_and_never_fails_over() -> None:
+    result, providers, _states = dispatch(RESET)
+    assert (result.status, result.delivery) == (502, smsp.Delivery.UNKNOWN)
+    assert [p.calls for p in providers] == [1, 0]
+
+
+def test_every_provider_failing_is_502_not_sent() -> None:
+    result, providers, states = dispatch(NOT_SENT, NOT_SENT)
+    assert (result.status, result.delivery) == (502, smsp.Delivery.NOT_SENT)
+    assert [p.calls for p in providers] == [1, 1]
+    assert states == [smsp.State.OPEN, smsp.State.OPEN]
+
+
+def test_open_circuit_is_skipped() -> None:
+    result, providers, _ = dispatch(None, opened=("mailgun",))
+    assert result.provider == "sendgrid" and [p.calls for p in providers] == [0, 1]
+
+
+def test_every_circuit_open_is_503_with_retry_after_until_the_next_poll() -> None:
+    result, providers, _ = dispatch(None, opened=("mailgun", "sendgrid"))
+    assert (result.status, result.delivery, result.retry_after) == \
+        (503, smsp.Delivery.NOT_SENT, 4)  # poll at 5 s, 1.5 s have passed: ceil(3.5)
+    assert [p.calls for p in providers] == [0, 0]
+
+
+def test_a_provider_bug_counts_as_unknown_not_as_safe_to_retry() -> None:
+    class Broken(StubProvider):
+        def send(self, message: smsp.Message, deadline: float) -> smsp.Receipt:
+            self.calls += 1
+            raise RuntimeError("bug")
+
+    second = StubProvider("sendgrid")
+    routes = [smsp.Route(p, smsp.CircuitBreaker(p.name, lambda: None, timer=FakeTimers()))
+              for p in (Broken("mailgun"), second)]
+    dispatcher = smsp.Dispatcher(routes, timeout=1, log=smsp.Logger(write=lambda line: None),
+                                 metrics=smsp.Metrics())
+    with pytest.raises(smsp.DeliveryFailed) as caught:
+        dispatcher.send(smsp.parse_message(EMAIL))
+    assert (caught.value.status, caught.value.delivery) == (502, smsp.Delivery.UNKNOWN)
+    assert second.calls == 0
+
+
+# -------------------------------------------------------------- idempotency ---
+
+
+def test_idempotency_store_claims_replays_and_detects_reuse() -> None:
+    clock = FakeClock()
+    store = smsp.IdempotencyStore(ttl=10, max_entries=5, clock=clock)
+    key = (0, "k")
+    assert store.claim(key, "f1") == (smsp.Claim.NEW, None)
+    assert store.claim(key, "f1") == (smsp.Claim.IN_FLIGHT, None)
+    assert store.claim(key, "f2") == (smsp.Claim.MISMATCH, None)
+    store.complete(key, "response")
+    assert store.claim(key, "f1") == (smsp.Claim.REPLAY, "response")
+    assert store.claim((1, "k"), "f1")[0] is smsp.Claim.NEW  # scoped per API key
+    clock.advance(10)
+    assert store.claim(key, "f1")[0] is smsp.Claim.NEW  # expired
+
+
+def test_idempotency_store_evicts_least_recently_used_but_never_in_flight() -> None:
+    store = smsp.IdempotencyStore(ttl=100, max_entries=2, clock=FakeClock())
+    store.claim((0, "in-flight"), "f")
+    store.claim((0, "a"), "f")
+    store.complete((0, "a"), "A")
+    store.claim((0, "b"), "f")  # over the limit: "a" goes, the in-flight one stays
+    store.complete((0, "b"), "B")
+    assert len(store) == 2
+    assert store.claim((0, "in-flight"), "f")[0] is smsp.Claim.IN_FLIGHT
+    assert store.claim((0, "a"), "f")[0] is smsp.Claim.NEW
+
+
+def test_released_key_can_be_used_again() -> None:
+    store = smsp.IdempotencyStore(ttl=100, max_entries=2, clock=FakeClock())
+    store.claim((0, "k"), "f")
+    store.release((0, "k"))
+    assert store.claim((0, "k"), "other")[0] is smsp.Claim.NEW
+
+
+# ------------------------------------------------------------- logging, ids ---
+
+
+def test_json_oneline_log_line_has_the_documented_fields() -> None:
+    lines = Lines()
+    log = smsp.Logger("JSON_ONELINE", write=lines.write, host="h1", wallclock=lambda: 0.25)
+    log.info("access", request_id="r1", status=200, provider=None)
+    assert json.loads(lines[0]) == {"time": "1970-01-01T00:00:00.250Z", "level": "info",
+                                    "event": "access", "host": "h1", "request_id": "r1",
+                                    "status": 200}
+    assert lines[0].count("\n") == 1
+
+
+def test_debug_format_is_one_readable_line_and_debug_events_need_the_flag() -> None:
+    lines = Lines()
+    log = smsp.Logger("DEBUG", write=lines.write, wallclock=lambda: 0.0)
+    log.debug("hidden")
+    log.warning("circuit_state_change", provider="mailgun", reason="HTTP 500: x y")
+    assert lines == ['1970-01-01T00:00:00.000Z WARNING circuit_state_change provider=mailgun '
+                     'reason="HTTP 500: x y"\n']
+
+
+def test_json_pretty_is_indented_json() -> None:
+    lines = Lines()
+    smsp.Logger("JSON_PRETTY", write=lines.write).info("started", port=1)
+    assert json.loads(lines[0])["port"] == 1 and "\n  " in lines[0]
+
+
+def test_request_ids_are_unique_uuid4_strings() -> None:
+    import uuid
+    ids = smsp.IdGenerator()
+    made = {ids() for _ in range(1000)}
+    assert len(made) == 1000
+    assert all(uuid.UUID(i).version == 4 for i in list(made)[:20])
+    assert smsp.IdGenerator()()[:23] != ids()[:23]  # another process draws another prefix
+
+
+def test_smsp_imports_only_the_standard_library() -> None:
+    tree = ast.parse(open(smsp.__file__, encoding="utf-8").read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names and names <= set(sys.stdlib_module_names)
