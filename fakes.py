@@ -680,15 +680,18 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, list[str]] | N
 def _mailgun_problem(fields: dict[str, list[str]]) -> str | None:
     """Mailgun's 400 message for the first problem in ``fields``, in Mailgun's order."""
 
-    def present(name: str) -> bool:
-        return any(value.strip() for value in fields.get(name, []))
+    def present(name: str, blank_counts: bool = False) -> bool:
+        values = fields.get(name, [])
+        return any(value if blank_counts else value.strip() for value in values)
 
     for name in ("from", "to"):
         if not present(name):
             return f"{name} parameter is missing"
     if "subject" not in fields:
         return "subject parameter is missing"
-    if not any(present(name) for name in _MG_BODY_FIELDS):
+    # A body field counts when it is a non-empty string, even if it is only white space
+    # (an assumption: Mailgun documents "specified", not "non-blank").
+    if not any(present(name, blank_counts=True) for name in _MG_BODY_FIELDS):
         return _MG_NEED_BODY
     for name in ("from", "to", "cc", "bcc"):
         for value in fields.get(name, []):

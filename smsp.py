@@ -1831,14 +1831,18 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "responses": {"200": answer("serving", "Health")}},
                 "head": {"summary": "Liveness", "operationId": "healthHead",
                          "responses": {"200": answer("serving", None)}}},
-            "/swagger.json": {"get": {
-                "summary": "This document", "operationId": "openapi",
-                "responses": {"200": {"description": "OpenAPI document",
-                                      "content": {JSON_TYPE: {"schema": {"type": "object"}}}}}}},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics", "operationId": "metrics",
-                "responses": {"200": {"description": "text exposition format 0.0.4",
-                                      "content": text_plain}}}},
+            "/swagger.json": {
+                "get": {"summary": "This document", "operationId": "openapi",
+                        "responses": {"200": {"description": "OpenAPI document", "content": {
+                            JSON_TYPE: {"schema": {"type": "object"}}}}}},
+                "head": {"summary": "This document's headers", "operationId": "openapiHead",
+                         "responses": {"200": {"description": "OpenAPI document headers"}}}},
+            "/metrics": {
+                "get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                        "responses": {"200": {"description": "text exposition format 0.0.4",
+                                              "content": text_plain}}},
+                "head": {"summary": "Prometheus metrics headers", "operationId": "metricsHead",
+                         "responses": {"200": {"description": "metrics headers"}}}},
         },
         "components": {
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},

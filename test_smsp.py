@@ -8,21 +8,38 @@ that prove a request was bounded at all.
 """
 
 import ast
+import base64
+import http.client
+import http.server
 import json
+import socket
 import sys
 import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import smsp
+from fakes import CloseWithoutResponse, Delay, FakeMailgun, FakeSendGrid, Hang, Status
 from testkit import (
+    API_KEY,
     EMAIL,
+    MG_DOMAIN,
+    MG_KEY,
     POLL,
+    SG_KEY,
     FakeClock,
     FakeTimers,
     Lines,
+    Running,
     make_config,
+    provider_config,
+    raw_exchange,
+    running,
+    status_of,
 )
 
 # ------------------------------------------------------------ configuration ---
@@ -647,3 +664,420 @@ def test_smsp_imports_only_the_standard_library() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
     assert names and names <= set(sys.stdlib_module_names)
+
+
+# ------------------------------------------- providers: wire format, failover ---
+
+
+def form_fields(recorded: Any) -> dict[str, str]:
+    return {k: v[0] for k, v in urllib.parse.parse_qs(recorded.body.decode(), strict_parsing=True,
+                                                       keep_blank_values=True).items()}
+
+
+def test_mailgun_gets_the_exact_request_and_its_id_comes_back(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    status, _, body = proxy.send()
+    assert status == 200
+    request = mailgun.requests[0]
+    assert (request.method, request.path) == ("POST", f"/v3/{MG_DOMAIN}/messages")
+    assert request.headers["authorization"] == \
+        "Basic " + base64.b64encode(f"api:{MG_KEY}".encode()).decode()
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert form_fields(request) == {"from": "Alice <alice@example.com>", "to": "bob@example.org",
+                                    "subject": "Hello", "text": "line 1\nline 2 é"}
+    message_id = json.loads((mailgun.requests[0].status and b"{}") or b"{}") or None
+    assert body["provider"] == "mailgun" and body["status"] == "sent"
+    assert body["message_id"].startswith("<") and body["message_id"].endswith(f"@{MG_DOMAIN}>")
+    assert message_id is None and sendgrid.hits == 0
+
+
+def test_failover_to_sendgrid_sends_its_exact_json(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(500))
+    status, _, body = proxy.send()
+    assert (status, body["provider"]) == (200, "sendgrid")
+    assert len(body["message_id"]) == 22
+    request = sendgrid.requests[0]
+    assert request.path == "/v3/mail/send"
+    assert request.headers["authorization"] == f"Bearer {SG_KEY}"
+    assert request.headers["accept"] == "application/json"
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.body) == {
+        "personalizations": [{"to": [{"email": "bob@example.org"}]}],
+        "from": {"email": "alice@example.com", "name": "Alice"},
+        "subject": "Hello",
+        "content": [{"type": "text/plain", "value": "line 1\nline 2 é"}]}
+    assert (mailgun.hits, sendgrid.hits) == (1, 1)
+    assert proxy.states() == {"mailgun": "open", "sendgrid": "closed"}
+
+
+def test_sendgrid_gets_a_space_for_an_empty_subject_and_body(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    with running(provider_config(mailgun, sendgrid, providers=("sendgrid",))) as server:
+        status, _, _ = server.send({"fromaddress": "a@example.com", "toaddress": "b@example.com"})
+    assert status == 200
+    document = json.loads(sendgrid.requests[0].body)
+    assert (document["subject"], document["content"][0]["value"]) == (" ", " ")
+
+
+def test_mailgun_gets_a_space_for_an_empty_body(proxy: Running, mailgun: FakeMailgun) -> None:
+    status, _, _ = proxy.send({"fromaddress": "a@example.com", "toaddress": "b@example.com"})
+    assert status == 200 and form_fields(mailgun.requests[0])["text"] == " "
+
+
+def test_rejected_message_is_422_without_failover(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(400))
+    status, _, body = proxy.send()
+    assert (status, body["delivery"]) == (422, "not_sent")
+    assert "not a valid address" in body["message"]
+    assert (mailgun.hits, sendgrid.hits) == (1, 0)
+    assert proxy.states() == {"mailgun": "closed", "sendgrid": "closed"}
+
+
+def test_silent_provider_is_504_unknown_without_failover(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Hang())
+    with running(provider_config(mailgun, sendgrid, timeout=0.3)) as server:
+        started = time.monotonic()
+        status, _, body = server.send()
+        elapsed = time.monotonic() - started
+        assert (status, body["delivery"]) == (504, "unknown")
+        assert (mailgun.hits, sendgrid.hits) == (1, 0)
+        assert server.states() == {"mailgun": "open", "sendgrid": "closed"}
+    assert elapsed < 0.3 + 0.5
+
+
+def test_every_circuit_open_is_503_with_retry_after(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(500))
+    sendgrid.script(Status(503))
+    status, _, body = proxy.send()
+    assert (status, body["delivery"]) == (502, "not_sent")
+    proxy.clock.advance(2)
+    status, headers, body = proxy.send()
+    assert (status, body["delivery"], headers["retry-after"]) == (503, "not_sent", "3")
+    assert (mailgun.hits, sendgrid.hits) == (1, 1)
+
+
+def test_open_circuit_recovers_by_polling_with_the_poll_message(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(500), Status(502))
+    proxy.send()
+    assert proxy.states()["mailgun"] == "open"
+    assert proxy.timers.pending[0].delay == 5
+    proxy.timers.fire_next()  # the poll fails: back off
+    assert proxy.timers.pending[0].delay == 10
+    proxy.timers.fire_next()  # the poll succeeds: closed
+    assert proxy.states()["mailgun"] == "closed"
+    poll = form_fields(mailgun.requests[-1])
+    assert poll == {"from": POLL, "to": POLL, "subject": "poll", "text": "poll"}
+    assert len(mailgun.accepted) == 1 and len(sendgrid.accepted) == 1
+    status, _, body = proxy.send()
+    assert (status, body["provider"]) == (200, "mailgun")
+    events = [json.loads(line) for line in proxy.lines]
+    changes = [(e["provider"], e["from"], e["to"]) for e in events
+               if e["event"] == "circuit_state_change"]
+    assert changes == [("mailgun", "closed", "open"), ("mailgun", "open", "closed")]
+
+
+def test_no_redirect_is_followed(proxy: Running, mailgun: FakeMailgun,
+                                 sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(302, body="", headers={"Location": "http://127.0.0.1:9/elsewhere"}))
+    status, _, body = proxy.send()
+    assert (status, body["provider"]) == (200, "sendgrid")
+    assert mailgun.hits == 1
+
+
+def test_close_without_answer_after_writing_is_502_unknown(
+        proxy: Running, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(CloseWithoutResponse())
+    status, _, body = proxy.send()
+    assert (status, body["delivery"]) == (502, "unknown")
+    assert sendgrid.hits == 0
+
+
+def test_unreachable_provider_fails_over_as_not_sent(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{placeholder.getsockname()[1]}"
+        with running(provider_config(mailgun, sendgrid, mg_base_url=dead)) as server:
+            status, _, body = server.send()
+    assert (status, body["provider"]) == (200, "sendgrid")
+
+
+def test_delay_within_the_timeout_is_fine(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Delay(0.05))
+    with running(provider_config(mailgun, sendgrid, timeout=2)) as server:
+        status, _, body = server.send()
+    assert (status, body["provider"]) == (200, "mailgun")
+
+
+# -------------------------------------------------------------- the HTTP API ---
+
+
+@pytest.fixture
+def mock() -> Iterator[Running]:
+    with running(make_config(api_keys=(API_KEY, "rotated-key"))) as server:
+        yield server
+
+
+def test_missing_or_wrong_key_is_401_and_rotated_keys_work(mock: Running) -> None:
+    assert mock.send(X_API_KEY="nope")[0] == 401
+    status, _, body = mock.request("POST", "/email", json.dumps(EMAIL).encode(),
+                                   {"Content-Type": "application/json"})
+    assert status == 401 and json.loads(body)["message"] == "Unauthorised"
+    assert mock.send(X_API_KEY="rotated-key")[0] == 200
+    status, _, _ = mock.request("POST", "/email", json.dumps(EMAIL).encode(),
+                                {"x-api-key": API_KEY})  # header names are case-insensitive
+    assert status == 200
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(mock: Running) -> None:
+    assert mock.request("GET", "/nope")[0] == 404
+    for method, path, allow in [("GET", "/email", "POST, OPTIONS"),
+                                ("TRACE", "/email", "POST, OPTIONS"),
+                                ("BREW", "/email", "POST, OPTIONS"),
+                                ("DELETE", "/healthcheck", "GET, HEAD, OPTIONS")]:
+        status, headers, body = mock.request(method, path)
+        assert (status, headers["allow"]) == (405, allow), method
+        assert set(json.loads(body)) == {"message", "request_id"}
+
+
+def test_checks_run_in_the_documented_order(mock: Running) -> None:
+    def raw(head: str, body: bytes = b"") -> int:
+        request = head.encode() + b"Connection: close\r\n\r\n" + body
+        return status_of(raw_exchange(mock.port, request))
+
+    post = "POST /email HTTP/1.1\r\nHost: x\r\n"
+    key = f"X-API-KEY: {API_KEY}\r\n"
+    assert raw("POST /other HTTP/1.1\r\nHost: x\r\n") == 404
+    assert raw("GET /email HTTP/1.1\r\nHost: x\r\n") == 405
+    assert raw(post) == 401
+    assert raw(post + key) == 411
+    assert raw(post + key + "Transfer-Encoding: chunked\r\n") == 411
+    assert raw(post + key + "Content-Length: 99999999\r\nContent-Type: text/plain\r\n") == 413
+    assert raw(post + key + "Content-Length: 2\r\nContent-Type: text/plain\r\n", b"{}") == 415
+    assert raw(post + key + "Content-Length: 2\r\n", b"{}") == 400
+    assert raw(post + key + "Content-Length: -1\r\n") == 400
+
+
+def test_oversized_body_is_refused_before_it_is_read_and_the_connection_closed(
+        mock: Running) -> None:
+    with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as sock:
+        sock.sendall(f"POST /email HTTP/1.1\r\nHost: x\r\nX-API-KEY: {API_KEY}\r\n"
+                     f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode())
+        answer = sock.makefile("rb").read()  # no body sent: the answer and EOF arrive anyway
+    assert status_of(answer) == 413 and b"Connection: close" in answer
+
+
+def test_refused_request_with_a_body_closes_so_keep_alive_cannot_desynchronise(
+        mock: Running) -> None:
+    smuggled = b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = (f"POST /email HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+             ).encode() + smuggled
+    answer = raw_exchange(mock.port, first)
+    assert status_of(answer) == 401 and answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_415_tells_curl_users_what_to_send(mock: Running) -> None:
+    status, _, body = mock.request("POST", "/email", json.dumps(EMAIL).encode(), {
+        "X-API-KEY": API_KEY, "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and "-H 'Content-Type: application/json'" in json.loads(body)["message"]
+    status, _, _ = mock.request("POST", "/email", json.dumps(EMAIL).encode(), {
+        "X-API-KEY": API_KEY, "Content-Type": "application/json; charset=UTF-8"})
+    assert status == 200
+
+
+def test_400_says_which_field_and_why(mock: Running) -> None:
+    status, _, body = mock.send({**EMAIL, "toaddress": "not-an-address"})
+    assert status == 400 and body["message"].startswith("toaddress: must be an address")
+    status, _, body = mock.send({**EMAIL, "subject": "a\nb"})
+    assert status == 400 and body["message"].startswith("subject:")
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(mock: Running) -> None:
+    conn = mock.connect()
+    for _ in range(3):
+        conn.request("POST", "/email", json.dumps(EMAIL).encode(),
+                     {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Connection") is None
+        response.read()
+    sock = conn.sock
+    conn.request("GET", "/healthcheck")
+    conn.getresponse().read()
+    assert conn.sock is sock
+    conn.close()
+
+
+def test_http10_closes_unless_keep_alive_is_asked_for(mock: Running) -> None:
+    answer = raw_exchange(mock.port, b"GET /healthcheck HTTP/1.0\r\n\r\n")
+    assert status_of(answer) == 200 and b"Connection: close" in answer
+    with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthcheck HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" * 2)
+        sock.shutdown(socket.SHUT_WR)
+        answers = sock.makefile("rb").read()
+    assert answers.count(b"HTTP/1.1 200 OK") == 2
+    assert answers.count(b"Connection: keep-alive") == 2
+
+
+def test_expect_100_continue_is_answered_before_the_body(mock: Running) -> None:
+    body = json.dumps(EMAIL).encode()
+    with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as sock:
+        sock.sendall(f"POST /email HTTP/1.1\r\nHost: x\r\nX-API-KEY: {API_KEY}\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_request_id_is_echoed_or_made_and_logged(mock: Running) -> None:
+    _, headers, _ = mock.send(X_Request_Id="trace-123")
+    assert headers["x-request-id"] == "trace-123"
+    status, headers, body = mock.request("GET", "/nope", headers={"X-Request-Id": "has space"})
+    made = headers["x-request-id"]
+    assert status == 404 and made != "has space" and json.loads(body)["request_id"] == made
+    access = mock.lines.events("access", at_least=2)
+    assert [e["request_id"] for e in access] == ["trace-123", made]
+    assert access[0]["provider"] == "mock" and access[0]["delivery"] == "sent"
+    assert access[0]["status"] == 200 and access[0]["path"] == "/email"
+
+
+def test_healthcheck_get_and_head(mock: Running) -> None:
+    status, headers, body = mock.request("GET", "/healthcheck")
+    document = json.loads(body)
+    assert status == 200 and document["status"] == "ok"
+    assert document["providers"] == [{"name": "mock", "state": "closed",
+                                      "consecutive_failures": 0, "opened_at": None,
+                                      "next_poll_at": None, "last_error": None}]
+    status, head_headers, head_body = mock.request("HEAD", "/healthcheck")
+    assert status == 200 and head_body == b""
+    assert head_headers["content-length"] == headers["content-length"]
+
+
+def test_healthcheck_stays_ok_with_every_circuit_open(mock: Running) -> None:
+    mock.send({**EMAIL, "subject": "fail"})
+    status, _, body = mock.request("GET", "/healthcheck")
+    provider = json.loads(body)["providers"][0]
+    assert status == 200 and provider["state"] == "open"
+    assert provider["last_error"] == "HTTP 500: mock provider failure"
+    assert provider["opened_at"].endswith("Z") and provider["next_poll_at"].endswith("Z")
+
+
+def test_options_preflight_and_cors_on_every_response(mock: Running) -> None:
+    status, headers, body = mock.request("OPTIONS", "/email", headers={
+        "Origin": "https://editor.swagger.io", "Access-Control-Request-Method": "POST"})
+    assert status == 204 and body == b""
+    assert "POST" in headers["access-control-allow-methods"]
+    assert "X-API-KEY" in headers["access-control-allow-headers"]
+    for method, path in [("GET", "/healthcheck"), ("GET", "/nope"), ("POST", "/email")]:
+        assert mock.request(method, path)[1]["access-control-allow-origin"] == "*"
+
+
+def test_swagger_document_is_valid_openapi() -> None:
+    from openapi_spec_validator import validate
+
+    with running(make_config()) as server:
+        status, headers, body = server.request("GET", "/swagger.json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    document = json.loads(body)
+    validate(document)
+    assert set(document["paths"]) == set(smsp.ROUTES)
+    assert document["components"]["securitySchemes"]["apiKey"] == \
+        {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
+
+
+def test_every_route_and_status_is_documented_and_nothing_else() -> None:
+    document = smsp.openapi_document(make_config())
+    for path, methods in smsp.ROUTES.items():
+        documented = {m.upper() for m in document["paths"][path]}
+        assert documented == set(methods), path
+    email_statuses = {int(s) for s in document["paths"]["/email"]["post"]["responses"]}
+    # The statuses Application.email and the dispatcher can return for POST /email:
+    assert email_statuses == {200, 400, 401, 409, 411, 413, 415, 422, 502, 503, 504}
+
+
+def test_internal_error_is_a_json_500_without_details(mock: Running) -> None:
+    def broken(request: smsp.Request) -> smsp.Response:
+        raise KeyError("secret-detail")
+
+    mock.service.app._handlers["/healthcheck"] = broken
+    status, _, body = mock.request("GET", "/healthcheck")
+    assert status == 500 and b"secret-detail" not in body
+    assert set(json.loads(body)) == {"message", "request_id"}
+    errors = mock.lines.events("internal_error", at_least=1)
+    assert errors[0]["error"] == "KeyError" and "secret-detail" not in mock.lines.text
+
+
+# ------------------------------------------- lean parser: same limits as stdlib ---
+
+
+class StdlibHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def stdlib_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StdlibHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+CLOSE = b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n"  # ends a kept-alive exchange
+MALFORMED = {
+    "bad version word": b"GET /healthcheck FTP/1.1\r\n\r\n",
+    "version without minor": b"GET /healthcheck HTTP/1\r\n\r\n",
+    "version with three parts": b"GET /healthcheck HTTP/1.1.1\r\n\r\n",
+    "version not digits": b"GET /healthcheck HTTP/1.x\r\n\r\n",
+    "version number too long": b"GET /healthcheck HTTP/12345678901.1\r\n\r\n",
+    "http/2": b"GET /healthcheck HTTP/2.0\r\n\r\n",
+    "four words": b"GET /a b HTTP/1.1\r\n\r\n",
+    "request line too long": b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    "header line too long": b"GET /healthcheck HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    "100 header lines": b"GET /healthcheck HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n",
+    "99 header lines": b"GET /healthcheck HTTP/1.1\r\n" + b"X-A: b\r\n" * 99 + b"\r\n",
+    "well formed": b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_lean_parser_answers_as_the_stdlib_does(case: str, mock: Running, stdlib_port: int
+                                                ) -> None:
+    ours = status_of(raw_exchange(mock.port, MALFORMED[case] + CLOSE))
+    theirs = status_of(raw_exchange(stdlib_port, MALFORMED[case] + CLOSE))
+    assert ours == theirs != 0
+
+
+@pytest.mark.parametrize("head", [
+    b"X-No-Colon\r\n", b" X-Folded: a\r\n", b"X A: b\r\n", b"Content-Length: 1\r\n" * 2,
+])
+def test_malformed_header_lines_are_400_not_silently_dropped(mock: Running, head: bytes) -> None:
+    answer = raw_exchange(mock.port, b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    assert status_of(answer) == 400 and b"Connection: close" in answer
+
+
+def test_blank_request_line_closes_quietly(mock: Running) -> None:
+    assert raw_exchange(mock.port, b"\r\n") == b""
+
+
+def test_http09_is_refused(mock: Running) -> None:
+    assert status_of(raw_exchange(mock.port, b"GET /healthcheck\r\n")) == 400
+
+
+def test_leading_double_slash_is_collapsed(mock: Running) -> None:
+    request = b"GET //healthcheck HTTP/1.1\r\nConnection: close\r\n\r\n"
+    assert status_of(raw_exchange(mock.port, request)) == 200

@@ -5,8 +5,10 @@ Fixtures live in conftest.py; this module holds plain classes and functions.
 
 import http.client
 import json
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,9 +87,20 @@ class Lines(list):
     def text(self) -> str:
         return "".join(self)
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        records = [json.loads(line) for line in self]
-        return [r for r in records if r["event"] == name]
+    def events(self, name: str, at_least: int = 0, timeout: float = 5.0
+               ) -> list[dict[str, Any]]:
+        """The events called ``name``; waits (bounded) until there are ``at_least``.
+
+        The access line is written just after the response is sent, so a
+        client can see its answer a moment before the line exists.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            records = [json.loads(line) for line in list(self)]
+            found = [r for r in records if r["event"] == name]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
 
 
 def make_config(**overrides: Any) -> smsp.Config:
@@ -190,4 +203,9 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 def status_of(raw: bytes) -> int:
-    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else 0
+    """The status of a raw answer; http.server answers a bad version HTTP/0.9-style,
+    with no status line, so its HTML error page is read then."""
+    if raw.startswith(b"HTTP/"):
+        return int(raw.split(b" ", 2)[1])
+    found = re.search(rb"Error code: (\d{3})", raw)
+    return int(found.group(1)) if found else 0
