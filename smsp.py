@@ -2474,6 +2474,7 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
+        sock.close()  # with every worker's copy closed too, new connections are refused
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -1081,3 +1081,213 @@ def test_http09_is_refused(mock: Running) -> None:
 def test_leading_double_slash_is_collapsed(mock: Running) -> None:
     request = b"GET //healthcheck HTTP/1.1\r\nConnection: close\r\n\r\n"
     assert status_of(raw_exchange(mock.port, request)) == 200
+
+
+# ------------------------------------------------------------------ metrics ---
+
+
+def scrape(server: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_a_scripted_sequence(proxy: Running, mailgun: FakeMailgun,
+                                           sendgrid: FakeSendGrid) -> None:
+    assert proxy.send()[0] == 200  # mailgun sent
+    mailgun.script(Status(500))
+    assert proxy.send()[0] == 200  # mailgun not_sent, circuit opens, sendgrid sent
+    proxy.timers.fire_next()  # the poll succeeds: closed again
+    mailgun.script(Status(400))
+    assert proxy.send()[0] == 422  # rejected
+    assert proxy.request("GET", "/nope")[0] == 404
+    proxy.lines.events("access", at_least=4)
+    m = scrape(proxy)
+
+    def get(name: str, **labels: str) -> float:
+        return m[(name, tuple(sorted(labels.items())))]
+
+    assert get("smsp_provider_attempts_total", provider="mailgun", outcome="sent") == 1
+    assert get("smsp_provider_attempts_total", provider="mailgun", outcome="not_sent") == 1
+    assert get("smsp_provider_attempts_total", provider="mailgun", outcome="rejected") == 1
+    assert get("smsp_provider_attempts_total", provider="sendgrid", outcome="sent") == 1
+    assert get("smsp_provider_attempt_duration_seconds_count", provider="mailgun") == 3
+    assert get("smsp_circuit_transitions_total", provider="mailgun", to="open") == 1
+    assert get("smsp_circuit_transitions_total", provider="mailgun", to="closed") == 1
+    assert get("smsp_circuit_polls_total", provider="mailgun", result="success") == 1
+    assert get("smsp_circuit_open", provider="mailgun") == 0
+    assert get("smsp_circuit_open", provider="sendgrid") == 0
+    assert get("smsp_http_requests_total", method="POST", route="/email", status="200") == 2
+    assert get("smsp_http_requests_total", method="POST", route="/email", status="422") == 1
+    assert get("smsp_http_requests_total", method="GET", route="other", status="404") == 1
+    assert get("smsp_http_request_duration_seconds_count", route="/email") == 3
+    assert get("smsp_http_request_duration_seconds_bucket", route="/email", le="+Inf") == 3
+    assert get("smsp_inflight_requests") == 1  # the scrape itself
+    assert get("smsp_build_info", version=smsp.VERSION) == 1
+    assert abs(get("process_start_time_seconds") - time.time()) < 600
+    # polls are not attempts
+    assert sum(v for (n, _), v in m.items() if n == "smsp_provider_attempts_total") == 4
+
+
+def test_open_circuit_shows_in_the_gauge(mock: Running) -> None:
+    mock.send({**EMAIL, "subject": "fail"})
+    m = scrape(mock)
+    assert m[("smsp_circuit_open", (("provider", "mock"),))] == 1
+
+
+def test_every_series_carries_the_worker_label_with_several_workers() -> None:
+    metrics = smsp.Metrics(worker=1)
+    metrics.inc("smsp_http_requests_total", "GET", "/healthcheck", "200")
+    metrics.observe("smsp_http_request_duration_seconds", 0.003, "/healthcheck")
+    text = metrics.render({"smsp_inflight_requests": [((), 0)]})
+    series = [line for line in text.splitlines() if not line.startswith("#")]
+    assert series and all('worker="1"' in line for line in series)
+
+
+def test_label_values_are_escaped() -> None:
+    metrics = smsp.Metrics()
+    metrics.inc("smsp_circuit_polls_total", 'we"ird\\\n', "success")
+    assert 'provider="we\\"ird\\\\\\n"' in metrics.render({})
+
+
+# ---------------------------------------------------------------------- TLS ---
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a throwaway certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+def test_https_serves_tls_and_drops_plain_http(certificate: tuple[str, str]) -> None:
+    import ssl
+
+    cert, key = certificate
+    with running(make_config(tls_cert=cert, tls_key=key)) as server:
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=5)
+        conn.request("POST", "/email", json.dumps(EMAIL).encode(),
+                     {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "sent"
+        assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+        conn.close()
+        answer = raw_exchange(server.port, b"GET /healthcheck HTTP/1.1\r\n\r\n")
+        assert not answer.startswith(b"HTTP/")
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port)) as raw:
+            old.wrap_socket(raw)
+
+
+def test_a_bad_certificate_stops_start_up_with_status_2(tmp_path: Any) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    lines = Lines()
+    config = make_config(tls_cert=str(bad), tls_key=str(bad))
+    assert smsp.serve(config, log=smsp.Logger("JSON_ONELINE", write=lines.write)) == 2
+    assert lines.events("start_failed")
+
+
+# ------------------------------------------------------- worker supervisor ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children_of(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/healthcheck")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_supervisor_replaces_a_killed_worker_and_drains_every_worker_on_sigterm() -> None:
+    import os
+    import signal
+    import subprocess
+
+    port = free_port()
+    env = {"PATH": os.environ.get("PATH", ""), "SMSP_MOCK_EMAIL_SERVICE": "true",
+           "SMSP_API_KEY": API_KEY, "SMSP_WORKERS": "2", "SMSP_TIMEOUT": "2",
+           "SMSP_LOG_OUTPUT_FORMAT": "JSON_ONELINE"}
+    proc = subprocess.Popen([sys.executable, smsp.__file__, "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: healthy(port) and len(children_of(proc.pid)) == 2)
+        first = children_of(proc.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_for(lambda: (c := children_of(proc.pid)) and len(c) == 2
+                            and victim not in c and c)
+        assert len(replaced & first) == 1
+        wait_for(lambda: healthy(port))
+        # four slow sends in flight (mock "timeout" answers 504 after 2 s), then SIGTERM
+        results: list[int] = []
+
+        def slow_send() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/email", json.dumps({**EMAIL, "subject": "timeout"}).encode(),
+                         {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
+            results.append(conn.getresponse().status)
+            conn.close()
+
+        senders = [threading.Thread(target=slow_send) for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        time.sleep(1.0)  # let the four requests reach the workers (no assertion on timing)
+        proc.send_signal(signal.SIGTERM)
+        for sender in senders:
+            sender.join(10)
+        assert proc.wait(timeout=15) == 0
+        assert sorted(results) == [504, 504, 504, 504]  # answered, not cut off
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
+        events = [json.loads(line)["event"] for line in proc.stdout.read().splitlines()]
+        assert events.count("worker_died") == 1 and "workers_stopped" in events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
