@@ -1291,3 +1291,37 @@ def test_worker_supervisor_replaces_a_killed_worker_and_drains_every_worker_on_s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_runs_until_sigterm_then_drains_and_exits_0() -> None:
+    import os
+    import signal
+
+    lines = Lines()
+    port = free_port()
+    config = make_config(port=port, shutdown_grace=5)
+    answers: list[int] = []
+
+    def client() -> None:
+        wait_for(lambda: healthy(port))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/email", json.dumps(EMAIL).encode(),
+                     {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
+        answers.append(conn.getresponse().status)
+        conn.close()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        code = smsp.serve(config, log=smsp.Logger("JSON_ONELINE", write=lines.write))
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        thread.join(10)
+    assert code == 0 and answers == [200]
+    assert [e for e in ("started", "stopping", "stopped") if lines.events(e)] == \
+        ["started", "stopping", "stopped"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
