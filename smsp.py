@@ -812,16 +812,16 @@ class HTTPClient:
         conn = self._acquire()
         attempt = _Attempt(deadline, conn)
         written = False
+        self._watchdog.watch(attempt)  # before connecting: it bounds the TLS handshake too
         try:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise TimeoutError("no time left for the attempt")
             if conn.sock is None:
-                conn.timeout = remaining
+                conn.timeout = remaining  # per operation; the watchdog bounds the total
                 conn.connect()
             else:
                 conn.sock.settimeout(remaining)
-            self._watchdog.watch(attempt)
             conn.request("POST", self._prefix + path, body, dict(headers))
             written = True
             response = conn.getresponse()
@@ -2047,6 +2047,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         conn = self.conn
         conn.deadline = server.clock() + server.client_timeout
+        conn.idle = True  # before the draining check: see Server.drain
         self.close_connection = True
         if server.draining:
             return
