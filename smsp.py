@@ -702,6 +702,36 @@ def _shutdown_socket(sock: socket.socket | None, how: int) -> None:
         pass
 
 
+class Deadline:
+    """A watchdog target: shuts a socket down if its deadline passes before it is done.
+
+    The socket is read from ``owner.<attribute>`` when the deadline passes, so
+    it may still be None (not connected yet) or be replaced (a TLS wrap).
+    ``how`` is SHUT_RDWR for a provider exchange and SHUT_RD for a client
+    connection, whose write side stays open for a 408.
+    """
+
+    __slots__ = ("_attribute", "_how", "_owner", "deadline", "done", "expired")
+
+    def __init__(self, deadline: float | None, owner: Any, attribute: str = "sock",
+                 how: int = socket.SHUT_RDWR) -> None:
+        self.deadline = deadline
+        self.done = False
+        self.expired = False
+        self._owner = owner
+        self._attribute = attribute
+        self._how = how
+
+    def interrupt(self) -> None:
+        """Wake whoever is blocked reading the socket, now."""
+        _shutdown_socket(getattr(self._owner, self._attribute, None), self._how)
+
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.interrupt()
+
+
 # ---------------------------------------------------------------- providers ---
 
 
@@ -721,23 +751,6 @@ class Reply:
     status: int
     headers: Mapping[str, str]
     body: bytes
-
-
-class _Attempt:
-    """Watchdog target for one provider HTTP exchange: shuts the socket at the deadline."""
-
-    __slots__ = ("deadline", "done", "expired", "conn")
-
-    def __init__(self, deadline: float, conn: http.client.HTTPConnection) -> None:
-        self.deadline = deadline
-        self.done = False
-        self.expired = False
-        self.conn = conn
-
-    def expire(self) -> None:
-        if not self.done:
-            self.expired = True
-            _shutdown_socket(self.conn.sock, socket.SHUT_RDWR)
 
 
 class HTTPClient:
@@ -810,7 +823,7 @@ class HTTPClient:
 
     def post(self, path: str, headers: Mapping[str, str], body: bytes, deadline: float) -> Reply:
         conn = self._acquire()
-        attempt = _Attempt(deadline, conn)
+        attempt = Deadline(deadline, conn)
         written = False
         self._watchdog.watch(attempt)  # before connecting: it bounds the TLS handshake too
         try:
@@ -1982,23 +1995,15 @@ def read_headers(rfile: Any) -> dict[str, str]:
         headers[key] = text
 
 
-class _Connection:
-    """Watchdog target for one client connection: its request budget."""
+class _Connection(Deadline):
+    """A client connection's request budget, and what the drain needs to know of it."""
 
-    __slots__ = ("sock", "deadline", "done", "expired", "drained", "idle")
+    __slots__ = ("drained", "idle")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline: float | None = deadline
-        self.done = False
-        self.expired = False
+    def __init__(self, deadline: float, handler: "Handler") -> None:
+        super().__init__(deadline, handler, "request", socket.SHUT_RD)
         self.drained = False
         self.idle = True
-
-    def expire(self) -> None:
-        if not self.done:
-            self.expired = True
-            _shutdown_socket(self.sock, socket.SHUT_RD)  # the write side stays open for a 408
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -2018,14 +2023,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         server = self.server
-        self.conn = _Connection(self.request, server.clock() + server.client_timeout)
+        self.conn = _Connection(server.clock() + server.client_timeout, self)
         server.watchdog.watch(self.conn)
         server.track(self.conn)
         self.tls_failed = False
         if server.ssl_context is not None:
             try:  # the handshake runs here, in the connection's thread, within the budget
                 self.request = server.ssl_context.wrap_socket(self.request, server_side=True)
-                self.conn.sock = self.request
             except (OSError, ValueError):
                 self.tls_failed = True
         super().setup()
@@ -2312,7 +2316,7 @@ class Server(http.server.ThreadingHTTPServer):
             for conn in idle:
                 conn.drained = True
         for conn in idle:
-            _shutdown_socket(conn.sock, socket.SHUT_RD)
+            conn.interrupt()
         with self._cond:
             while self._inflight and (left := deadline - self.clock()) > 0:
                 self._cond.wait(left)
