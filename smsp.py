@@ -500,13 +500,19 @@ class IdGenerator:
 # --------------------------------------------------- messages and validation ---
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_ADDR = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
-         r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-         r"(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+_ADDR_SHAPE = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
+               r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+               r"(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+# The RFC 5321 limits as negative lookaheads, which Python and ECMA-262 (the dialect
+# of OpenAPI patterns) read alike: a local part of at most MAX_LOCAL_PART and an
+# address of at most MAX_ADDRESS characters.
+_ADDR = rf"(?![^@]{{{MAX_LOCAL_PART + 1}}}){_ADDR_SHAPE}"
 _NAME = r'[^\x00-\x1f\x7f-\x9f\u2028\u2029<>",;\\]*'
 # The OpenAPI document publishes this very pattern, so the fuzzer and we agree.
-ADDRESS_PATTERN = rf"^(?:{_ADDR}|{_NAME}<{_ADDR}>)$"
+ADDRESS_PATTERN = (rf"^(?:(?!.{{{MAX_ADDRESS + 1}}}){_ADDR}"
+                   rf"|{_NAME}<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
 _ADDRESS_RE = re.compile(ADDRESS_PATTERN)
+_ADDRESS_SHAPE_RE = re.compile(rf"^(?:{_ADDR_SHAPE}|{_NAME}<{_ADDR_SHAPE}>)$")  # no limits
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -550,17 +556,15 @@ def parse_address(field: str, value: Any) -> Address:
         raise ValidationError(field, "must not contain CR, LF or other control characters")
     _check_text(field, value)
     if not _ADDRESS_RE.match(value):
+        if _ADDRESS_SHAPE_RE.match(value):
+            raise ValidationError(field, f"address must be at most {MAX_ADDRESS} characters "
+                                         f"with a local part of at most {MAX_LOCAL_PART}")
         raise ValidationError(field, "must be an address like user@example.com "
                                      "or Name <user@example.com>")
     if value.endswith(">"):
         name, _, email = value[:-1].partition("<")
-        name = name.strip()
-    else:
-        name, email = "", value
-    if len(email) > MAX_ADDRESS or len(email.partition("@")[0]) > MAX_LOCAL_PART:
-        raise ValidationError(field, f"address must be at most {MAX_ADDRESS} characters "
-                                     f"with a local part of at most {MAX_LOCAL_PART}")
-    return Address(email, name)
+        return Address(email, name.strip())
+    return Address(value)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -722,6 +726,12 @@ class Deadline:
         self._attribute = attribute
         self._how = how
 
+    def finish(self) -> None:
+        """Done: expire() does nothing from now on, and the owner is let go (the
+        watchdog keeps a target until its deadline, and a Handler refers back)."""
+        self.done = True
+        self._owner = None
+
     def interrupt(self) -> None:
         """Wake whoever is blocked reading the socket, now."""
         _shutdown_socket(getattr(self._owner, self._attribute, None), self._how)
@@ -821,6 +831,26 @@ class HTTPClient:
         for conn, _ in idle:
             conn.close()
 
+    @staticmethod
+    def _read_body(response: http.client.HTTPResponse) -> bytes:
+        """The whole reply body; IncompleteRead when it was cut short.
+
+        ``read()`` raises IncompleteRead on a short Content-Length body but
+        ``read(amt)`` does not, so the size bound is checked on the declared
+        length instead; a chunked body is read with the bound (a cut chunk
+        raises).  An over-long reply is not read and its connection not reused.
+        """
+        if response.length is not None:
+            if response.length <= MAX_PROVIDER_REPLY:
+                return response.read()
+            data = b""
+        else:
+            data = response.read(MAX_PROVIDER_REPLY)
+        if not response.isclosed():
+            response.close()
+            response.will_close = True
+        return data
+
     def post(self, path: str, headers: Mapping[str, str], body: bytes, deadline: float) -> Reply:
         conn = self._acquire()
         attempt = Deadline(deadline, conn)
@@ -838,13 +868,10 @@ class HTTPClient:
             conn.request("POST", self._prefix + path, body, dict(headers))
             written = True
             response = conn.getresponse()
-            data = response.read(MAX_PROVIDER_REPLY)
-            if not response.isclosed():
-                response.close()
-                response.will_close = True  # an over-long reply: do not reuse the connection
+            data = self._read_body(response)
             reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            attempt.done = True
+            attempt.finish()
             conn.close()
             timed_out = isinstance(exc, TimeoutError) or attempt.expired or \
                 self._clock() >= deadline
@@ -853,7 +880,7 @@ class HTTPClient:
                 raise ProviderError(Outcome.NOT_SENT, f"request not sent: {reason}") from None
             raise ProviderError(Outcome.UNKNOWN, f"no complete answer: {reason}",
                                 timed_out=timed_out) from None
-        attempt.done = True
+        attempt.finish()
         if response.will_close or attempt.expired:
             conn.close()
         else:
@@ -1810,7 +1837,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
                  "description": "Sends one plain-text email through Mailgun or SendGrid with "
                                 "failover behind circuit breakers. Error bodies on 422, 502, 503 "
                                 "and 504 say whether the mail was not sent or its fate is "
-                                "unknown (do not retry blindly: use Idempotency-Key)."},
+                                "unknown (do not retry blindly: use Idempotency-Key). Any route "
+                                "may also answer a malformed HTTP request with 400, 414, 431 or "
+                                "505, as http.server does."},
         "paths": {
             "/email": {"post": {
                 "summary": "Send one email",
@@ -1825,6 +1854,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
                     "400": answer("invalid request: the message says which field and why"),
                     "401": answer("missing or wrong X-API-KEY"),
+                    "408": answer("the request did not arrive within the client timeout"),
                     "409": answer("the first request with this Idempotency-Key is in progress"),
                     "411": answer("Content-Length required"),
                     "413": answer(f"body larger than {config.max_body_bytes} bytes"),
@@ -1834,8 +1864,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                   ("Idempotent-Replayed",)),
                     "502": answer("the provider failed; see delivery", "DeliveryError",
                                   ("Idempotent-Replayed",)),
-                    "503": answer("every circuit is open; not sent", "DeliveryError",
-                                  ("Retry-After",)),
+                    "503": answer("every circuit is open (Retry-After says until when), or the "
+                                  "server is overloaded or shutting down; not sent",
+                                  "DeliveryError", ("Retry-After",)),
                     "504": answer("the provider did not answer in time; delivery unknown",
                                   "DeliveryError", ("Idempotent-Replayed",)),
                 }}},
@@ -2040,7 +2071,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.handle_one_request()
 
     def finish(self) -> None:
-        self.conn.done = True
+        self.conn.finish()
         self.server.untrack(self.conn)
         try:
             super().finish()
@@ -2062,7 +2093,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not line:
             return  # an idle connection closed or timed out: no answer owed
         if not server.begin_request(conn):
-            self._answer(error_response(503, "server is shutting down", server.ids()), "-")
+            rid = server.ids()
+            self._answer(error_response(503, "server is shutting down", rid,
+                                        delivery=Delivery.NOT_SENT), rid)
             return
         try:
             self._serve(line)
@@ -2260,7 +2293,8 @@ class Server(http.server.ThreadingHTTPServer):
     def _refuse(self, request: socket.socket) -> None:
         rid = self.ids()
         if self.ssl_context is None:  # no TLS handshake in the accept loop: just close
-            body = json.dumps({"message": "overloaded", "request_id": rid}).encode()
+            body = json.dumps({"message": "overloaded", "request_id": rid,
+                               "delivery": Delivery.NOT_SENT.value}).encode()
             head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON_TYPE}\r\n"
                     f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nX-Request-Id: {rid}\r\n"
                     "Connection: close\r\n\r\n").encode()
@@ -2417,29 +2451,40 @@ def make_server(service: Service, *, sock: socket.socket | None = None) -> Serve
 
 def serve(config: Config, *, sock: socket.socket | None = None, worker: int | None = None,
           log: Logger | None = None) -> int:
-    """Run one server until SIGTERM or SIGINT, then drain; the process exit status."""
-    service = build_service(config, log=log, worker=worker)
-    log = service.log
-    try:
-        server = make_server(service, sock=sock)
-    except (OSError, ssl.SSLError) as exc:
-        log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
-        service.close()
-        return 2
+    """Run one server until SIGTERM or SIGINT, then drain; the process exit status.
+
+    A process-directed signal goes to any thread that does not block it, and a
+    Python handler runs only in the main thread, so the threads started here
+    inherit a mask that blocks both signals, and the main thread also wakes
+    twice a second in case a thread started elsewhere took one.
+    """
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="smsp-accept", daemon=True)
-    thread.start()
+    signals = {signal.SIGTERM, signal.SIGINT}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        service = build_service(config, log=log, worker=worker)
+        log = service.log
+        try:
+            server = make_server(service, sock=sock)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
+            service.close()
+            return 2
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name="smsp-accept", daemon=True)
+        thread.start()
+        for signum in signals:
+            signal.signal(signum, on_signal)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     scheme = "https" if server.ssl_context else "http"
     log.info("started", version=VERSION, address=f"{scheme}://{config.host}:{server.port}",
              providers=",".join(config.active_providers), pid=os.getpid())
-    while not stop.wait(3600):
+    while not stop.wait(0.5):
         pass
     log.info("stopping", inflight=server.inflight, grace_s=config.shutdown_grace)
     server.shutdown()

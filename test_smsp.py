@@ -996,7 +996,7 @@ def test_every_route_and_status_is_documented_and_nothing_else() -> None:
         assert documented == set(methods), path
     email_statuses = {int(s) for s in document["paths"]["/email"]["post"]["responses"]}
     # The statuses Application.email and the dispatcher can return for POST /email:
-    assert email_statuses == {200, 400, 401, 409, 411, 413, 415, 422, 502, 503, 504}
+    assert email_statuses == {200, 400, 401, 408, 409, 411, 413, 415, 422, 502, 503, 504}
 
 
 def test_internal_error_is_a_json_500_without_details(mock: Running) -> None:
