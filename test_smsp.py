@@ -989,14 +989,94 @@ def test_swagger_document_is_valid_openapi() -> None:
         {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
 
 
-def test_every_route_and_status_is_documented_and_nothing_else() -> None:
-    document = smsp.openapi_document(make_config())
+def observed_answers(server: Running) -> list[tuple[str, str, int, dict[str, str], bytes]]:
+    """A scripted walk over every route, provoking every answer each can give."""
+    answers = []
+
+    def call(method: str, path: str, body: bytes | None = None, **headers: str) -> None:
+        status, got, data = server.request(method, path, body, headers)
+        answers.append((method.lower(), path, status, got, data))
+
+    good = json.dumps(EMAIL).encode()
+    key = {"X-API-KEY": API_KEY}
+    json_key = {**key, "Content-Type": "application/json"}
+    for method in ("GET", "HEAD"):
+        for path in ("/healthcheck", "/swagger.json", "/metrics"):
+            call(method, path)
+    call("POST", "/email", good, **json_key)  # 200
+    call("POST", "/email", b"{", **json_key)  # 400
+    call("POST", "/email", good)  # 401
+    call("POST", "/email", good, **{**key, "Content-Type": "text/plain"})  # 415
+    call("POST", "/email", b"x" * (server.service.config.max_body_bytes + 1), **json_key)  # 413
+    raw = raw_exchange(server.port, f"POST /email HTTP/1.1\r\nX-API-KEY: {API_KEY}\r\n"
+                                    "Connection: close\r\n\r\n".encode())  # 411
+    answers.append(("post", "/email", status_of(raw), {}, raw.partition(b"\r\n\r\n")[2]))
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:  # 408
+        slow.sendall(f"POST /email HTTP/1.1\r\nX-API-KEY: {API_KEY}\r\n".encode())
+        raw = slow.makefile("rb").read()
+    answers.append(("post", "/email", status_of(raw), {}, raw.partition(b"\r\n\r\n")[2]))
+    call("POST", "/email", good, **json_key, **{"Idempotency-Key": "k1"})
+    other = json.dumps({**EMAIL, "subject": "other"}).encode()
+    call("POST", "/email", other, **json_key, **{"Idempotency-Key": "k1"})  # 422
+    slow_send = threading.Thread(target=call, args=(
+        "POST", "/email", json.dumps({**EMAIL, "subject": "timeout"}).encode()),
+        kwargs={**json_key, "Idempotency-Key": "k2"})
+    slow_send.start()  # 504 after the timeout; meanwhile the same key gets 409
+    wait_for(lambda: server.server.inflight >= 1)  # either of the two may get the 409
+    call("POST", "/email", json.dumps({**EMAIL, "subject": "timeout"}).encode(), **json_key,
+         **{"Idempotency-Key": "k2"})  # 409
+    slow_send.join()
+    call("POST", "/email", good, **json_key)  # 503: the timeout opened the circuit
+    server.timers.fire_next()  # the poll closes it
+    call("POST", "/email", json.dumps({**EMAIL, "subject": "fail"}).encode(), **json_key)  # 502
+    return answers
+
+
+def resolve(document: dict[str, Any], node: Any) -> Any:
+    """A schema with every local $ref replaced by what it points at, and OpenAPI 3.0's
+    ``nullable`` turned into the JSON Schema it means."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target: Any = document
+            for part in node["$ref"].lstrip("#/").split("/"):
+                target = target[part]
+            return resolve(document, target)
+        result = {k: resolve(document, v) for k, v in node.items() if k != "nullable"}
+        if node.get("nullable"):
+            result["type"] = [node["type"], "null"]
+        return result
+    if isinstance(node, list):
+        return [resolve(document, v) for v in node]
+    return node
+
+
+def test_every_route_and_status_is_documented_and_real_answers_match_the_schemas() -> None:
+    import jsonschema
+
+    with running(make_config(client_timeout=0.5, timeout=0.3)) as server:
+        document = json.loads(server.request("GET", "/swagger.json")[2])
+        answers = observed_answers(server)
     for path, methods in smsp.ROUTES.items():
-        documented = {m.upper() for m in document["paths"][path]}
-        assert documented == set(methods), path
-    email_statuses = {int(s) for s in document["paths"]["/email"]["post"]["responses"]}
-    # The statuses Application.email and the dispatcher can return for POST /email:
-    assert email_statuses == {200, 400, 401, 408, 409, 411, 413, 415, 422, 502, 503, 504}
+        assert {m.upper() for m in document["paths"][path]} == set(methods), path
+    seen: dict[tuple[str, str], set[int]] = {}
+    for method, path, status, headers, body in answers:
+        seen.setdefault((method, path), set()).add(status)
+        documented = document["paths"][path][method]["responses"]
+        assert str(status) in documented, (method, path, status)
+        response = resolve(document, documented[str(status)])
+        schema = response.get("content", {}).get("application/json", {}).get("schema")
+        if schema and method != "head":
+            jsonschema.validate(json.loads(body), schema)
+        for name in response.get("headers", {}):
+            if headers:  # raw exchanges above were not split into headers
+                assert name.lower() in headers or name in ("Idempotent-Replayed",
+                                                           "Retry-After"), (status, name)
+        if status == 503:
+            assert int(headers["retry-after"]) >= 1
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            assert {int(s) for s in operation["responses"]} == seen[(method, path)], \
+                (method, path)
 
 
 def test_internal_error_is_a_json_500_without_details(mock: Running) -> None:
