@@ -264,6 +264,7 @@ class _Server(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer that reports accepted sockets to its fake and wraps TLS per thread."""
 
     daemon_threads = True
+    request_queue_size = 128  # tests open many connections at once
     block_on_close = True  # server_close() joins every handler thread
 
     def __init__(self, fake: _FakeProvider, ssl_context: ssl.SSLContext | None) -> None:

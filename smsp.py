@@ -439,8 +439,7 @@ class LineWriter:
     def _start(self) -> None:  # on first use, so a process can fork before it logs
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="smsp-log", daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._run, "smsp-log")
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -746,6 +745,26 @@ def parse_message(document: Mapping[str, Any]) -> Message:
 # ----------------------------------------------------------------- watchdog ---
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def start_thread(target: Callable[..., Any], name: str, **kwargs: Any) -> threading.Thread:
+    """Start a daemon thread that leaves SIGTERM and SIGINT to the main thread.
+
+    A process-directed signal goes to any thread that does not block it, but a
+    Python handler runs only in the main thread, which may then sleep on.
+    Threads started from such a thread (one per connection, poll timers)
+    inherit the mask.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread = threading.Thread(target=target, name=name, kwargs=kwargs, daemon=True)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
+
+
 class Watchdog:
     """Expires watched objects whose deadline has passed, from one daemon thread.
 
@@ -764,8 +783,7 @@ class Watchdog:
         self._seq = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="smsp-watchdog", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "smsp-watchdog")
 
     def watch(self, target: Any) -> None:
         deadline = target.deadline
@@ -2587,49 +2605,44 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
           log: Logger | None = None) -> int:
     """Run one server until SIGTERM or SIGINT, then drain; the process exit status.
 
-    A process-directed signal goes to any thread that does not block it, and a
-    Python handler runs only in the main thread, so the threads started here
-    inherit a mask that blocks both signals, and the main thread also wakes
-    twice a second in case a thread started elsewhere took one.
+    Every thread smsp starts blocks both signals (see start_thread), so the
+    kernel hands them to the main thread; it also wakes twice a second in
+    case a thread started by someone else took one.
     """
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
-    signals = {signal.SIGTERM, signal.SIGINT}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    service = build_service(config, log=log, worker=worker)
+    log = service.log
     try:
-        service = build_service(config, log=log, worker=worker)
-        log = service.log
         try:
             server = make_server(service, sock=sock)
         except (OSError, ssl.SSLError) as exc:
             log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
             service.close()
             return 2
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                  name="smsp-accept", daemon=True)
-        thread.start()
-        for signum in signals:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, on_signal)
+        start_thread(server.serve_forever, "smsp-accept", poll_interval=0.1)
+        scheme = "https" if server.ssl_context else "http"
+        log.info("started", version=VERSION, address=f"{scheme}://{config.host}:{server.port}",
+                 providers=",".join(config.active_providers), pid=os.getpid())
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping", inflight=server.inflight, grace_s=config.shutdown_grace)
+        server.shutdown()
+        server.server_close()  # new connections are refused from here on
+        left = server.drain(config.shutdown_grace)
+        service.close()
+        if left:
+            log.error("shutdown_grace_exceeded", inflight=left)
+            return 1
+        log.info("stopped")
+        return 0
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    scheme = "https" if server.ssl_context else "http"
-    log.info("started", version=VERSION, address=f"{scheme}://{config.host}:{server.port}",
-             providers=",".join(config.active_providers), pid=os.getpid())
-    while not stop.wait(0.5):
-        pass
-    log.info("stopping", inflight=server.inflight, grace_s=config.shutdown_grace)
-    server.shutdown()
-    server.server_close()  # new connections are refused from here on
-    left = server.drain(config.shutdown_grace)
-    service.close()
-    if left:
-        log.error("shutdown_grace_exceeded", inflight=left)
-        return 1
-    log.info("stopped")
-    return 0
+        log.close()  # a worker leaves with os._exit: write out its last lines now
 
 
 def run_workers(config: Config, log: Logger | None = None) -> int:
@@ -2694,6 +2707,7 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
         spawn(index)
     sock.close()
     log.info("workers_stopped", exit_code=worst)
+    log.close()
     return worst
 
 
