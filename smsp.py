@@ -478,23 +478,11 @@ def _json_text(value: str) -> str:
     return json.dumps(value)
 
 
-def _json_value(value: Any) -> str:
-    if isinstance(value, str):
-        return _json_text(value)
-    if value is True or value is False:
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    return json.dumps(value, default=str)
-
-
 _DEBUG_QUOTE_RE = re.compile(r'[\s"=\\]')
 
 
 def _debug_value(value: Any) -> str:
-    text = value if isinstance(value, str) else _json_value(value)
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
     if not text or not text.isprintable() or _DEBUG_QUOTE_RE.search(text):
         return json.dumps(text)
     return text

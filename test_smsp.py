@@ -1408,3 +1408,56 @@ def test_serve_runs_until_sigterm_then_drains_and_exits_0() -> None:
         ["started", "stopping", "stopped"]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+# -------------------------------------------------------------- log writer ---
+
+
+def test_log_writer_writes_whole_lines_in_order_in_pipe_sized_writes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    sizes: list[int] = []
+    real_write = os.write
+
+    def recording_write(fd: int, data: bytes) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    read_end, write_end = os.pipe()
+    writer = smsp.LineWriter(write_end, interval=3600)  # only close() flushes here
+    lines = [f"line {i:04d} {'x' * 100}\n" for i in range(200)]  # all one length
+    monkeypatch.setattr(smsp.os, "write", recording_write)
+    for line in lines:
+        writer.write(line)
+    writer.close()
+    monkeypatch.undo()
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.read() == "".join(lines).encode()
+    assert len(sizes) > 1 and max(sizes) <= smsp.PIPE_BUF
+    assert all(size % len(lines[0]) == 0 for size in sizes)  # whole lines only
+
+
+def test_log_writer_flushes_on_its_own_within_the_interval() -> None:
+    import os
+    import select
+
+    read_end, write_end = os.pipe()
+    writer = smsp.LineWriter(write_end, interval=0.01)
+    writer.write("hello\n")
+    ready, _, _ = select.select([read_end], [], [], 5)
+    assert ready and os.read(read_end, 100) == b"hello\n"
+    writer.close()
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_smsp_threads_leave_sigterm_to_the_main_thread() -> None:
+    import signal
+
+    masks: list[set[int]] = []
+    smsp.start_thread(lambda: masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                      "probe").join(5)
+    assert {signal.SIGTERM, signal.SIGINT} <= masks[0]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours untouched
