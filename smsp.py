@@ -1677,11 +1677,6 @@ class Metrics:
             entry[1] += value
             entry[2] += 1
 
-    def value(self, name: str, *labels: str) -> float:
-        """A counter's value (0 if never incremented), for tests and health."""
-        with self._lock:
-            return self._counters.get((name, labels), 0)
-
     def _labels(self, family: Family, values: Iterable[str], extra: str = "") -> str:
         pairs = [f'{k}="{_label_value(v)}"' for k, v in zip(family.labels, values)]
         if self._worker is not None:

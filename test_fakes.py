@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,12 @@ from fakes import (
     ResetMidBody,
     Status,
 )
+from testkit import MG_DOMAIN, MG_KEY, SG_KEY
 
-MG_DOMAIN = "mg.example.com"
-MG_KEY = "mg-secret"
 MG_PATH = f"/v3/{MG_DOMAIN}/messages"
 MG_AUTH = "Basic " + base64.b64encode(f"api:{MG_KEY}".encode()).decode()
 MG_FORM = {"from": "sender@example.com", "to": "rcpt@example.org", "subject": "Hello there",
            "text": "Plain body line 1\nline 2 é"}
-SG_KEY = "SG.secret"
 SG_PATH = "/v3/mail/send"
 SG_MAIL: dict[str, Any] = {
     "from": {"email": "sender@example.com"},
@@ -97,15 +95,13 @@ def sg_send(sg: FakeSendGrid, mail: Any = None, timeout: float = 2.0, **headers:
 
 
 @pytest.fixture
-def mg() -> Iterator[FakeMailgun]:
-    with FakeMailgun(domain=MG_DOMAIN, api_key=MG_KEY) as fake:
-        yield fake
+def mg(mailgun: FakeMailgun) -> FakeMailgun:
+    return mailgun  # conftest's fake, under a short name
 
 
 @pytest.fixture
-def sg() -> Iterator[FakeSendGrid]:
-    with FakeSendGrid(api_key=SG_KEY) as fake:
-        yield fake
+def sg(sendgrid: FakeSendGrid) -> FakeSendGrid:
+    return sendgrid
 
 
 # ---------------------------------------------------------------- Mailgun contract
