@@ -942,11 +942,16 @@ class HTTPClient:
         return not poller.poll(0)  # readable on an idle connection means EOF or junk
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
+        now = self._clock()
+        stale = []
         with self._lock:
+            while self._idle and now - self._idle[0][1] > self._idle_limit:
+                stale.append(self._idle.pop(0)[0])  # the oldest sit at the bottom
             if len(self._idle) < self._size:
-                self._idle.append((conn, self._clock()))
-                return
-        conn.close()
+                self._idle.append((conn, now))
+                conn = None
+        for old in stale + ([conn] if conn is not None else []):
+            old.close()
 
     def close(self) -> None:
         with self._lock:

@@ -1461,3 +1461,24 @@ def test_smsp_threads_leave_sigterm_to_the_main_thread() -> None:
                       "probe").join(5)
     assert {signal.SIGTERM, signal.SIGINT} <= masks[0]
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours untouched
+
+
+def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun) -> None:
+    clock = FakeClock()
+    watchdog = smsp.Watchdog(clock=clock)  # deadlines and pool ages on one clock
+    client = smsp.HTTPClient(mailgun.url, watchdog=watchdog, pool_size=4, pool_idle=15,
+                             clock=clock)
+    provider = smsp.MailgunProvider(client, MG_DOMAIN, MG_KEY)
+    message = smsp.parse_message(EMAIL)
+    try:
+        provider.send(message, clock() + 5)
+        clock.advance(10)
+        provider.send(message, clock() + 5)  # idle 10 s: reused
+        assert mailgun.connections == 1
+        clock.advance(16)
+        provider.send(message, clock() + 5)  # idle 16 s: dropped, a new one
+        assert mailgun.connections == 2 and client.connections_made == 2
+        assert len(mailgun.accepted) == 3
+    finally:
+        client.close()
+        watchdog.stop()
