@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
-EMAIL := '{"fromaddress":"a@example.com","toaddress":"b@example.com","subject":"hi","plaintextbody":"hello"}'
 
 .PHONY: run test lint unit functional fuzz soak soak-ci bench docker image-test clean
 
@@ -15,7 +14,7 @@ $(STAMP): requirements-dev.txt
 
 run:
 	@echo "smsp in mock mode on port $(PORT), API key 'dev'. Try:"
-	@echo "  curl -i -H 'X-API-KEY: dev' -H 'Content-Type: application/json' -d $(EMAIL) http://127.0.0.1:$(PORT)/email"
+	@echo '  curl -i -H "X-API-KEY: dev" -H "Content-Type: application/json" -d '\''{"fromaddress":"a@example.com","toaddress":"b@example.com","subject":"hi","plaintextbody":"hello"}'\'' http://127.0.0.1:$(PORT)/email'
 	SMSP_MOCK_EMAIL_SERVICE=true SMSP_API_KEY=dev $(PYTHON) smsp.py --port $(PORT)
 
 test: lint unit functional soak-ci
