@@ -2245,18 +2245,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rid = ""
         method = path = "-"
         try:
-            if not line.endswith(b"\n"):
-                if len(line) > MAX_REQUEST_LINE:
-                    raise HTTPError(414, "Request-URI Too Long")
-                raise ClientGone("request line incomplete")
-            parsed = parse_request_line(line)
-            if parsed is None:
+            head = self._read_head(line)
+            if head is None:
                 return
-            method, target, version = parsed
-            path = target.split("?", 1)[0]
-            if path.startswith("//"):
-                path = "/" + path.lstrip("/")
-            headers = read_headers(self.rfile)
+            method, path, version, headers = head
             given = headers.get("x-request-id")
             rid = given if given and _REQUEST_ID_RE.fullmatch(given) else server.ids()
             connection = headers.get("connection")
@@ -2287,6 +2279,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             and not server.draining
         self._answer(response, rid, method, path, started, keep_alive=keep_alive,
                      head_only=method == "HEAD", http10=version < (1, 1))
+
+    def _read_head(self, line: bytes) -> tuple[str, str, tuple[int, int], dict[str, str]] | None:
+        """Method, path (no query), version and headers; None for a blank line.
+
+        Raises HTTPError for what http.server would refuse, ClientGone when
+        the stream ends first.
+        """
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_REQUEST_LINE:
+                raise HTTPError(414, "Request-URI Too Long")
+            raise ClientGone("request line incomplete")
+        parsed = parse_request_line(line)
+        if parsed is None:
+            return None
+        method, target, version = parsed
+        path = target.split("?", 1)[0]
+        if path.startswith("//"):
+            path = "/" + path.lstrip("/")
+        return method, path, version, read_headers(self.rfile)
 
     def _answer(self, response: Response, rid: str, method: str = "-", path: str = "-",
                 started: float | None = None, *, keep_alive: bool = False,
