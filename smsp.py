@@ -2658,14 +2658,21 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
     restarts: collections.deque[float] = collections.deque(maxlen=10)
 
     def spawn(index: int) -> None:
+        # Signals wait until the child has dropped the parent's handler (which would
+        # otherwise run in the child, signal its siblings and leave it serving).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)  # until serve() installs its own
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 code = serve(config, sock=sock, worker=index)
             finally:
                 os._exit(code)
         children[pid] = index
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal stopping
