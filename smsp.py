@@ -2399,6 +2399,10 @@ class Server(http.server.ThreadingHTTPServer):
             self.socket.close()
             self.socket = sock
             self.server_address = sock.getsockname()
+        # Non-blocking accept: when workers share the socket, another may take the
+        # connection the selector announced, and a blocking accept() would then hang
+        # the accept loop (and shutdown() with it) until the next connection.
+        self.socket.setblocking(False)
 
     def server_bind(self) -> None:
         socketserver_bind = http.server.socketserver.TCPServer.server_bind

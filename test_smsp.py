@@ -1306,6 +1306,14 @@ def children_of(pid: int) -> set[int]:
         return set()
 
 
+def threads_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except FileNotFoundError:
+        return 0
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1358,10 +1366,16 @@ def test_worker_supervisor_replaces_a_killed_worker_and_drains_every_worker_on_s
             results.append(conn.getresponse().status)
             conn.close()
 
+        def worker_threads() -> int:
+            return sum(threads_of(pid) for pid in children_of(proc.pid))
+
+        # an idle worker runs 4 threads (main, watchdog, accept loop, log writer); wait
+        # until the health checks' connection threads are gone
+        idle_threads = wait_for(lambda: (n := worker_threads()) <= 2 * 4 and n)
         senders = [threading.Thread(target=slow_send) for _ in range(4)]
         for sender in senders:
             sender.start()
-        time.sleep(1.0)  # let the four requests reach the workers (no assertion on timing)
+        wait_for(lambda: worker_threads() >= idle_threads + 4)  # a thread per accepted send
         proc.send_signal(signal.SIGTERM)
         for sender in senders:
             sender.join(10)
@@ -1482,3 +1496,15 @@ def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun
     finally:
         client.close()
         watchdog.stop()
+
+
+def test_accept_loop_never_blocks_when_another_worker_took_the_connection() -> None:
+    # With workers sharing the socket, the selector can announce a connection that
+    # another worker accepts first; this worker's accept must not then block (it
+    # would hang the accept loop, and shutdown() with it).
+    with running(make_config()) as server:
+        step = threading.Thread(target=server.server._handle_request_noblock, daemon=True)
+        step.start()  # nothing is pending: what a lost race looks like to this worker
+        step.join(5)
+        assert not step.is_alive()
+        assert server.request("GET", "/healthcheck")[0] == 200
