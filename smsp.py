@@ -2099,6 +2099,25 @@ class ClientGone(SmspError):
     """The client closed the connection or ran out of time mid-request."""
 
 
+_COMMON_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
+
+
+def _parse_version(word: str) -> tuple[int, int]:
+    """``HTTP/x.y`` as http.server reads it: 400 when malformed, 505 from 2.0 on."""
+    try:
+        if not word.startswith("HTTP/"):
+            raise ValueError
+        parts = word.split("/", 1)[1].split(".")
+        if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
+            raise ValueError
+        version = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise HTTPError(400, f"Bad request version ({word!r})") from None
+    if version >= (2, 0):
+        raise HTTPError(505, f"Invalid HTTP version ({word.split('/', 1)[1]})")
+    return version
+
+
 def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]] | None:
     """Split a request line as http.server does; None for a blank line (just close).
 
@@ -2111,18 +2130,7 @@ def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]] | None:
         return None
     version = (0, 9)
     if len(words) >= 3:
-        word = words[-1]
-        try:
-            if not word.startswith("HTTP/"):
-                raise ValueError
-            parts = word.split("/", 1)[1].split(".")
-            if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
-                raise ValueError
-            version = (int(parts[0]), int(parts[1]))
-        except (ValueError, IndexError):
-            raise HTTPError(400, f"Bad request version ({word!r})") from None
-        if version >= (2, 0):
-            raise HTTPError(505, f"Invalid HTTP version ({word.split('/', 1)[1]})")
+        version = _COMMON_VERSIONS.get(words[-1]) or _parse_version(words[-1])
     if not 2 <= len(words) <= 3:
         raise HTTPError(400, f"Bad request syntax ({text[:100]!r})")
     if len(words) == 2:
