@@ -54,6 +54,7 @@ import ssl
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -2359,7 +2360,6 @@ class _BodyReader:
 
 def _traceback_summary(exc: BaseException) -> str:
     """Where an exception came from, without its message (which may hold user data)."""
-    import traceback
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}"
                       for f in reversed(frames))
