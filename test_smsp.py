@@ -1502,6 +1502,35 @@ def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun
         watchdog.stop()
 
 
+def test_connection_threads_drain_a_burst_while_the_accept_loop_is_stalled() -> None:
+    # Under load the accept loop waits for the GIL behind every busy connection
+    # thread; each new connection thread therefore takes waiting connections too.
+    # Here the loop is stopped outright and takes one connection by hand: the
+    # threads it starts must take the other six.
+    with running(make_config()) as server:
+        server.server.shutdown()  # the accept loop stops; the listener stays open
+        clients = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                   for _ in range(7)]
+        try:
+            for client in clients:
+                client.sendall(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+            server.server._handle_request_noblock()  # what one turn of the loop does
+            answers = [client.recv(65536) for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+    assert [status_of(answer) for answer in answers] == [200] * 7
+
+
+def test_accept_waiting_returns_at_once_when_nothing_waits() -> None:
+    with running(make_config()) as server:
+        step = threading.Thread(target=server.server.accept_waiting, daemon=True)
+        step.start()
+        step.join(5)
+        assert not step.is_alive()
+        assert server.server.active_connections == 0
+
+
 def test_accept_loop_never_blocks_when_another_worker_took_the_connection() -> None:
     # With workers sharing the socket, the selector can announce a connection that
     # another worker accepts first; this worker's accept must not then block (it
