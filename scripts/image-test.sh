@@ -8,7 +8,9 @@
 #   2. GET /healthcheck answers 200
 #   3. `podman healthcheck run` (the image's HEALTHCHECK) reports healthy
 #   4. the service process in the container is not root
-#   5. `podman stop` (SIGTERM, default 10 s timeout) ends it in under 2 s
+#   5. PID 1 is `python -m smsp`, running from bytecode compiled at build
+#   6. its resident set (VmRSS) is under 25 MB
+#   7. `podman stop` (SIGTERM, default 10 s timeout) ends it in under 2 s
 #
 # The local base image (localhost/smsp-base:bookworm, a bookworm minbase root
 # with python3-minimal + libpython3-stdlib) is made once per machine and
@@ -17,6 +19,7 @@
 #   SMSP_IMAGE             image to build       (default localhost/smsp:test)
 #   IMAGE_TEST_CONTEXT     build context        (default: the repo root)
 #   IMAGE_TEST_STOP_MAX_MS stop-time limit, ms  (default 2000)
+#   IMAGE_TEST_RSS_MAX_KB  VmRSS limit, kB      (default 25600)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +27,7 @@ CONTEXT="${IMAGE_TEST_CONTEXT:-$REPO_ROOT}"
 BASE_IMAGE="${SMSP_BASE_IMAGE:-localhost/smsp-base:bookworm}"
 IMAGE="${SMSP_IMAGE:-localhost/smsp:test}"
 STOP_MAX_MS="${IMAGE_TEST_STOP_MAX_MS:-2000}"
+RSS_MAX_KB="${IMAGE_TEST_RSS_MAX_KB:-25600}"
 SUITE=bookworm
 CTR="smsp-image-test-$$"
 export DEBIAN_FRONTEND=noninteractive
@@ -228,7 +232,36 @@ else
     fail "uid '$uid', process user '$pid1_user'"
 fi
 
-# 5. graceful stop: SIGTERM to PID 1 must end it well inside podman's 10 s
+# 5. PID 1 is `python -m smsp`, and the bytecode it runs from was compiled at
+#    build from this very smsp.py (checked-hash .pyc whose hash is the source's)
+log "check: PID 1 runs smsp from bytecode compiled at build"
+cmdline="$(podman exec "$CTR" cat /proc/1/cmdline 2>/dev/null | tr '\0' ' ' || true)"
+pyc="$(podman exec "$CTR" python -c '
+import importlib.util, sys
+source = open("/app/smsp.py", "rb").read()
+cached = importlib.util.cache_from_source("/app/smsp.py")
+header = open(cached, "rb").read(16)
+flags = int.from_bytes(header[4:8], "little")
+ok = flags == 3 and header[8:16] == importlib.util.source_hash(source)
+print(("ok " if ok else "stale ") + cached)
+' 2>&1 || true)"
+if [ "$cmdline" = "python -m smsp " ] && [ "${pyc%% *}" = "ok" ]; then
+    pass "PID 1: ${cmdline% }; ${pyc#ok }"
+else
+    fail "PID 1: '$cmdline'; bytecode: $pyc"
+fi
+
+# 6. memory: PID 1's resident set after these few requests (issue target: idle RSS
+#    under 25 MB). Compiling smsp or the stdlib at start would show here.
+log "check: PID 1 resident set under ${RSS_MAX_KB} kB"
+rss_kb="$(podman exec "$CTR" awk '/^VmRSS:/ { print $2 }' /proc/1/status 2>/dev/null || true)"
+if [[ "$rss_kb" =~ ^[0-9]+$ ]] && [ "$rss_kb" -lt "$RSS_MAX_KB" ]; then
+    pass "VmRSS $rss_kb kB"
+else
+    fail "VmRSS '$rss_kb' kB"
+fi
+
+# 7. graceful stop: SIGTERM to PID 1 must end it well inside podman's 10 s
 log "check: podman stop ends it in under ${STOP_MAX_MS} ms"
 t0="$(date +%s%N)"
 podman stop "$CTR" >/dev/null 2>"$WORKDIR/stop.err" || true
