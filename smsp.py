@@ -2449,8 +2449,8 @@ class Server(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        self.accept_waiting()
         try:
+            self.accept_waiting()
             super().process_request_thread(request, client_address)
         finally:
             with self._lock:  # the socket is closed by now: the slot is free
