@@ -1402,9 +1402,11 @@ def test_serve_runs_until_sigterm_then_drains_and_exits_0() -> None:
     port = free_port()
     config = make_config(port=port, shutdown_grace=5)
     answers: list[int] = []
+    intervals: list[float] = []
 
     def client() -> None:
         wait_for(lambda: healthy(port))
+        intervals.append(sys.getswitchinterval())  # the serving process's GIL interval
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("POST", "/email", json.dumps(EMAIL).encode(),
                      {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
@@ -1413,6 +1415,7 @@ def test_serve_runs_until_sigterm_then_drains_and_exits_0() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    previous_interval = sys.getswitchinterval()
     thread = threading.Thread(target=client)
     thread.start()
     try:
@@ -1420,8 +1423,10 @@ def test_serve_runs_until_sigterm_then_drains_and_exits_0() -> None:
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+        sys.setswitchinterval(previous_interval)
         thread.join(10)
     assert code == 0 and answers == [200]
+    assert intervals == [pytest.approx(smsp.GIL_SWITCH_INTERVAL)] != [previous_interval]
     assert [e for e in ("started", "stopping", "stopped") if lines.events(e)] == \
         ["started", "stopping", "stopped"]
     with pytest.raises(ConnectionRefusedError):
