@@ -535,9 +535,8 @@ class Logger:
                    f'{self._json_tail}']
             for key, value in fields.items():
                 kind = type(value)
-                if kind is str and value.isascii() and value.isprintable() \
-                        and '"' not in value and "\\" not in value:
-                    out.append(f',"{key}":"{value}"')
+                if kind is str:
+                    out.append(f',"{key}":{_json_text(value)}')
                 elif kind is int or (kind is float and math.isfinite(value)):
                     out.append(f',"{key}":{value!r}')
                 elif value is not None:
@@ -547,10 +546,7 @@ class Logger:
         elif self._fmt == "DEBUG":
             out = [stamp, _LEVEL_NAMES[level].upper(), event]
             for key, value in fields.items():
-                if type(value) is str and value.isascii() and value.isprintable() \
-                        and not _DEBUG_QUOTE_RE.search(value) and value:
-                    out.append(f"{key}={value}")
-                elif value is not None:
+                if value is not None:
                     out.append(f"{key}={_debug_value(value)}")
             line = " ".join(out) + "\n"
         else:
@@ -952,8 +948,9 @@ class HTTPClient:
                 stale.append(self._idle.pop(0)[0])  # the oldest sit at the bottom
             if len(self._idle) < self._size:
                 self._idle.append((conn, now))
-                conn = None
-        for old in stale + ([conn] if conn is not None else []):
+            else:
+                stale.append(conn)  # the pool is full
+        for old in stale:
             old.close()
 
     def close(self) -> None:
