@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from testkit import (
     raw_exchange,
     running,
     status_of,
+    wait_for,
 )
 
 TIMEOUT = 0.5  # SMSP_TIMEOUT of the in-process server: small, so the suite stays fast
@@ -70,15 +71,6 @@ def timed_send(server: Running, email: dict[str, Any] | None = None, **headers: 
     started = time.monotonic()
     status, response_headers, body = server.send(email, **headers)
     return status, response_headers, body, time.monotonic() - started
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def header_block(raw: bytes) -> str:
@@ -399,7 +391,7 @@ def test_stalled_client_gets_408_and_is_closed(partial: bytes) -> None:
         assert "connection: close" in header_block(raw)
         assert json_body(raw)["message"] == "request not received in time"
         assert elapsed < client_timeout + 1.0
-        assert wait_until(lambda: threading.active_count() <= threads_before, 2.0)
+        wait_for(lambda: threading.active_count() <= threads_before, 2.0)
         assert server.server.active_connections == 0
         assert server.request("GET", "/healthcheck")[0] == 200
 
@@ -425,7 +417,7 @@ def test_max_connections_refuses_one_more_fast_and_frees_the_slot_on_close() -> 
     with running(make_config(max_connections=3, client_timeout=10.0)) as server:
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
         try:
-            assert wait_until(lambda: server.server.active_connections == 3)
+            wait_for(lambda: server.server.active_connections == 3, 5.0)
             started = time.monotonic()
             request = b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"
             raw = raw_exchange(server.port, request, timeout=5.0)
@@ -438,7 +430,7 @@ def test_max_connections_refuses_one_more_fast_and_frees_the_slot_on_close() -> 
             assert [e["connections"] for e in overloaded] == [3]
 
             idle.pop().close()
-            assert wait_until(lambda: server.server.active_connections == 2)
+            wait_for(lambda: server.server.active_connections == 2, 5.0)
             status, _, body = server.request("GET", "/healthcheck")
             assert (status, json.loads(body)["status"]) == (200, "ok")
         finally:

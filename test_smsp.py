@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,6 +40,7 @@ from testkit import (
     raw_exchange,
     running,
     status_of,
+    wait_for,
 )
 
 # ------------------------------------------------------------ configuration ---
@@ -1316,16 +1317,6 @@ def threads_of(pid: int) -> int:
             return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
     except FileNotFoundError:
         return 0
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def healthy(port: int) -> bool:

@@ -103,6 +103,17 @@ class Lines(list):
             time.sleep(0.01)
 
 
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``condition`` until it returns something true (returned), or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
 def make_config(**overrides: Any) -> smsp.Config:
     values: dict[str, Any] = {"api_keys": (API_KEY,), "mock": True, "host": "127.0.0.1",
                               "port": 0, "timeout": 1.0, "client_timeout": 2.0,
