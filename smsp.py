@@ -2454,8 +2454,8 @@ class Server(http.server.ThreadingHTTPServer):
             with self._lock:  # the socket is closed by now: the slot is free
                 self._active -= 1
 
-    def accept_waiting(self, most: int = ACCEPT_FANOUT) -> None:
-        """Take up to ``most`` connections waiting on the listener, each in its own thread.
+    def accept_waiting(self) -> None:
+        """Take up to ACCEPT_FANOUT connections waiting on the listener, each in its own thread.
 
         Every new connection thread calls this before serving its own.  Under
         load the accept loop waits its turn for the GIL behind every busy
@@ -2465,7 +2465,7 @@ class Server(http.server.ThreadingHTTPServer):
         rounds that grows with its logarithm.  When nothing waits, this costs
         one accept() that fails at once (the listener does not block).
         """
-        for _ in range(most):
+        for _ in range(ACCEPT_FANOUT):
             try:
                 request, client_address = self.get_request()
             except OSError:  # nothing waiting, another worker took it, or the listener closed
