@@ -18,12 +18,12 @@ One module, standard library only, Python 3.11 or newer::
 ``python smsp.py --help`` lists every environment variable with its default.
 
 How the module reads, top to bottom (each section uses only what sits above):
-constants, errors and outcomes, configuration, logging, messages and
-validation, the watchdog (deadlines without per-read syscalls), providers
-(HTTP plumbing with a connection pool, Mailgun, SendGrid, mock), the circuit
-breaker, the dispatcher (failover), idempotency, metrics, the HTTP
-application (routes and responses, no sockets), the HTTP handler and server,
-and finally workers and ``main()``.
+constants; errors and outcomes; threads and deadlines (the watchdog: deadlines
+without per-read syscalls); addresses; configuration; logging; messages and
+validation; metrics; the HTTP client (a connection pool); providers (Mailgun,
+SendGrid, mock); the circuit breaker; the dispatcher (failover); idempotency;
+HTTP messages (the lean parser); the HTTP application (routes and responses,
+no sockets); the HTTP handler and server; and finally workers and ``main()``.
 
 Every response tells the client whether its mail was sent, not sent, or
 unknown.  A message whose fate is unknown (the provider timed out after the
@@ -79,7 +79,7 @@ GIL_SWITCH_INTERVAL = 0.05  # seconds; CPython's default is 0.005 (see serve())
 POLL_SUBJECT = "poll"
 POLL_BODY = "poll"
 
-# -------------------------------------------------------- errors, outcomes ---
+# --------------------------------------------------------- errors, outcomes ---
 
 
 class Outcome(enum.Enum):
@@ -149,6 +149,204 @@ def classify_status(status: int) -> Outcome:
     if status in (400, 413, 422):
         return Outcome.REJECTED
     return Outcome.NOT_SENT  # 401, 403, 404, 429, 5xx, 3xx and anything else
+
+
+# ---------------------------------------------------- threads and deadlines ---
+
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def start_thread(target: Callable[..., Any], name: str, **kwargs: Any) -> threading.Thread:
+    """Start a daemon thread that leaves SIGTERM and SIGINT to the main thread.
+
+    A process-directed signal goes to any thread that does not block it, but a
+    Python handler runs only in the main thread, which may then sleep on.
+    Threads started from such a thread (one per connection, poll timers)
+    inherit the mask.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread = threading.Thread(target=target, name=name, kwargs=kwargs, daemon=True)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
+
+
+class Watchdog:
+    """Expires watched objects whose deadline has passed, from one daemon thread.
+
+    A watched object has a mutable ``deadline`` (a ``clock()`` time, or None
+    for "not timed right now, look again later"), a ``done`` flag and an
+    ``expire()`` method.  Moving a deadline is a plain attribute write, so a
+    connection re-arms its budget per request without a syscall and without a
+    lock; the watchdog re-files an entry it finds early.  ``expire()`` runs
+    outside the watchdog's lock and must not block.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, recheck: float = 1.0) -> None:
+        self._clock = clock
+        self._recheck = recheck
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._stopped = False
+        self._thread = start_thread(self._run, "smsp-watchdog")
+
+    def watch(self, target: Any) -> None:
+        deadline = target.deadline
+        when = deadline if deadline is not None else self._clock() + self._recheck
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), target))
+            if self._heap[0][2] is target:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            due = []
+            with self._cond:
+                if self._stopped:
+                    return
+                now = self._clock()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, target = heapq.heappop(self._heap)
+                    if target.done:
+                        continue
+                    deadline = target.deadline
+                    if deadline is None or deadline > now:
+                        later = deadline if deadline is not None else now + self._recheck
+                        heapq.heappush(self._heap, (later, next(self._seq), target))
+                    else:
+                        due.append(target)
+                if not due:
+                    wait = self._heap[0][0] - now if self._heap else None
+                    self._cond.wait(wait)
+                    continue
+            for target in due:
+                try:
+                    target.expire()
+                except Exception:  # a dying watchdog would unbound every deadline
+                    pass
+
+
+def _shutdown_socket(sock: socket.socket | None, how: int) -> None:
+    """Shut a socket down from another thread, waking any blocked recv.
+
+    On an SSLSocket the base class method is used: SSLSocket.shutdown also
+    drops the TLS state, which would make a later write go out in clear.
+    """
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class Deadline:
+    """A watchdog target: shuts a socket down if its deadline passes before it is done.
+
+    The socket is read from ``owner.<attribute>`` when the deadline passes, so
+    it may still be None (not connected yet) or be replaced (a TLS wrap).
+    ``how`` is SHUT_RDWR for a provider exchange and SHUT_RD for a client
+    connection, whose write side stays open for a 408.
+    """
+
+    __slots__ = ("_attribute", "_how", "_owner", "deadline", "done", "expired")
+
+    def __init__(self, deadline: float | None, owner: Any, attribute: str = "sock",
+                 how: int = socket.SHUT_RDWR) -> None:
+        self.deadline = deadline
+        self.done = False
+        self.expired = False
+        self._owner = owner
+        self._attribute = attribute
+        self._how = how
+
+    def finish(self) -> None:
+        """Done: expire() does nothing from now on, and the owner is let go (the
+        watchdog keeps a target until its deadline, and a Handler refers back)."""
+        self.done = True
+        self._owner = None
+
+    def interrupt(self) -> None:
+        """Wake whoever is blocked reading the socket, now."""
+        _shutdown_socket(getattr(self._owner, self._attribute, None), self._how)
+
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.interrupt()
+
+
+# ---------------------------------------------------------------- addresses ---
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ADDR_SHAPE = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
+               r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+               r"(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+# The RFC 5321 limits as negative lookaheads, which Python and ECMA-262 (the dialect
+# of OpenAPI patterns) read alike: a local part of at most MAX_LOCAL_PART and an
+# address of at most MAX_ADDRESS characters.
+_ADDR = rf"(?![^@]{{{MAX_LOCAL_PART + 1}}}){_ADDR_SHAPE}"
+_NAME = r'[^\x00-\x1f\x7f-\x9f\u2028\u2029<>",;\\]*'
+# The OpenAPI document publishes this very pattern, so the fuzzer and we agree.
+ADDRESS_PATTERN = (rf"^(?:(?!.{{{MAX_ADDRESS + 1}}}){_ADDR}"
+                   rf"|{_NAME}<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
+_ADDRESS_RE = re.compile(ADDRESS_PATTERN)
+_ADDRESS_SHAPE_RE = re.compile(rf"^(?:{_ADDR_SHAPE}|{_NAME}<{_ADDR_SHAPE}>)$")  # no limits
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Address:
+    """An email address with an optional display name."""
+
+    email: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.email}>" if self.name else self.email
+
+
+def _check_text(field: str, value: str) -> None:
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "contains an unpaired surrogate escape") from None
+
+
+def parse_address(field: str, value: Any) -> Address:
+    """Validate ``user@domain`` or ``Name <user@domain>``; raise ValidationError."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string")
+    if not value:
+        raise ValidationError(field, "must not be empty")
+    if len(value) > MAX_ADDRESS_FIELD:
+        raise ValidationError(field, f"must be at most {MAX_ADDRESS_FIELD} characters")
+    if not (value.isascii() and value.isprintable()):  # the C fast path for the usual case
+        if _CONTROL_RE.search(value):
+            raise ValidationError(field, "must not contain CR, LF or other control characters")
+        _check_text(field, value)
+    if not _ADDRESS_RE.match(value):
+        if _ADDRESS_SHAPE_RE.match(value):
+            raise ValidationError(field, f"address must be at most {MAX_ADDRESS} characters "
+                                         f"with a local part of at most {MAX_LOCAL_PART}")
+        raise ValidationError(field, "must be an address like user@example.com "
+                                     "or Name <user@example.com>")
+    if value.endswith(">"):
+        name, _, email = value[:-1].partition("<")
+        return Address(email, name.strip())
+    return Address(value)
 
 
 # ------------------------------------------------------------ configuration ---
@@ -594,34 +792,7 @@ class IdGenerator:
         return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
 
 
-# --------------------------------------------------- messages and validation ---
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_ADDR_SHAPE = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
-               r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-               r"(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
-# The RFC 5321 limits as negative lookaheads, which Python and ECMA-262 (the dialect
-# of OpenAPI patterns) read alike: a local part of at most MAX_LOCAL_PART and an
-# address of at most MAX_ADDRESS characters.
-_ADDR = rf"(?![^@]{{{MAX_LOCAL_PART + 1}}}){_ADDR_SHAPE}"
-_NAME = r'[^\x00-\x1f\x7f-\x9f\u2028\u2029<>",;\\]*'
-# The OpenAPI document publishes this very pattern, so the fuzzer and we agree.
-ADDRESS_PATTERN = (rf"^(?:(?!.{{{MAX_ADDRESS + 1}}}){_ADDR}"
-                   rf"|{_NAME}<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
-_ADDRESS_RE = re.compile(ADDRESS_PATTERN)
-_ADDRESS_SHAPE_RE = re.compile(rf"^(?:{_ADDR_SHAPE}|{_NAME}<{_ADDR_SHAPE}>)$")  # no limits
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Address:
-    """An email address with an optional display name."""
-
-    email: str
-    name: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.name} <{self.email}>" if self.name else self.email
+# -------------------------------------------------- messages and validation ---
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -632,39 +803,6 @@ class Message:
     recipient: Address
     subject: str = ""
     body: str = ""
-
-
-def _check_text(field: str, value: str) -> None:
-    if value.isascii():
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(field, "contains an unpaired surrogate escape") from None
-
-
-def parse_address(field: str, value: Any) -> Address:
-    """Validate ``user@domain`` or ``Name <user@domain>``; raise ValidationError."""
-    if not isinstance(value, str):
-        raise ValidationError(field, "must be a string")
-    if not value:
-        raise ValidationError(field, "must not be empty")
-    if len(value) > MAX_ADDRESS_FIELD:
-        raise ValidationError(field, f"must be at most {MAX_ADDRESS_FIELD} characters")
-    if not (value.isascii() and value.isprintable()):  # the C fast path for the usual case
-        if _CONTROL_RE.search(value):
-            raise ValidationError(field, "must not contain CR, LF or other control characters")
-        _check_text(field, value)
-    if not _ADDRESS_RE.match(value):
-        if _ADDRESS_SHAPE_RE.match(value):
-            raise ValidationError(field, f"address must be at most {MAX_ADDRESS} characters "
-                                         f"with a local part of at most {MAX_LOCAL_PART}")
-        raise ValidationError(field, "must be an address like user@example.com "
-                                     "or Name <user@example.com>")
-    if value.endswith(">"):
-        name, _, email = value[:-1].partition("<")
-        return Address(email, name.strip())
-    return Address(value)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -729,151 +867,132 @@ def parse_message(document: Mapping[str, Any]) -> Message:
     return Message(sender, recipient, subject, body)
 
 
-# ----------------------------------------------------------------- watchdog ---
+# ------------------------------------------------------------------ metrics ---
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+                     "CONNECT"})
 
 
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...]
 
 
-def start_thread(target: Callable[..., Any], name: str, **kwargs: Any) -> threading.Thread:
-    """Start a daemon thread that leaves SIGTERM and SIGINT to the main thread.
+FAMILIES = (
+    Family("smsp_http_requests_total", "counter", "HTTP requests answered.",
+           ("method", "route", "status")),
+    Family("smsp_http_request_duration_seconds", "histogram", "HTTP request duration.",
+           ("route",)),
+    Family("smsp_provider_attempts_total", "counter", "Provider attempts by outcome.",
+           ("provider", "outcome")),
+    Family("smsp_provider_attempt_duration_seconds", "histogram", "Provider attempt duration.",
+           ("provider",)),
+    Family("smsp_circuit_open", "gauge", "1 while the provider's circuit is open.",
+           ("provider",)),
+    Family("smsp_circuit_transitions_total", "counter", "Circuit state changes.",
+           ("provider", "to")),
+    Family("smsp_circuit_polls_total", "counter", "Polls of open circuits.",
+           ("provider", "result")),
+    Family("smsp_inflight_requests", "gauge", "Requests being served now.", ()),
+    Family("smsp_build_info", "gauge", "Build information.", ("version",)),
+    Family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
+           ()),
+)
 
-    A process-directed signal goes to any thread that does not block it, but a
-    Python handler runs only in the main thread, which may then sleep on.
-    Threads started from such a thread (one per connection, poll timers)
-    inherit the mask.
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Counters and histograms, written in the Prometheus text format 0.0.4.
+
+    Thread-safe; the lock guards only the dictionaries.  Gauges are read at
+    scrape time from the objects that own them (``render(gauges)``).  With
+    ``worker`` set, every series carries a ``worker`` label.
     """
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        thread = threading.Thread(target=target, name=name, kwargs=kwargs, daemon=True)
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    return thread
 
+    def __init__(self, *, worker: int | None = None, start_time: float | None = None) -> None:
+        self._families = {f.name: f for f in FAMILIES}
+        self._worker = worker
+        self._start = time.time() if start_time is None else start_time
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._histograms: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
 
-class Watchdog:
-    """Expires watched objects whose deadline has passed, from one daemon thread.
+    def inc(self, name: str, *labels: str, amount: float = 1) -> None:
+        key = (name, labels)
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
 
-    A watched object has a mutable ``deadline`` (a ``clock()`` time, or None
-    for "not timed right now, look again later"), a ``done`` flag and an
-    ``expire()`` method.  Moving a deadline is a plain attribute write, so a
-    connection re-arms its budget per request without a syscall and without a
-    lock; the watchdog re-files an entry it finds early.  ``expire()`` runs
-    outside the watchdog's lock and must not block.
-    """
+    def observe(self, name: str, value: float, *labels: str) -> None:
+        self.count_and_observe(None, (), name, labels, value)
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, recheck: float = 1.0) -> None:
-        self._clock = clock
-        self._recheck = recheck
-        self._heap: list[tuple[float, int, Any]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition(threading.Lock())
-        self._stopped = False
-        self._thread = start_thread(self._run, "smsp-watchdog")
+    def count_and_observe(self, counter: str | None, counter_labels: tuple[str, ...],
+                          histogram: str, histogram_labels: tuple[str, ...],
+                          value: float) -> None:
+        """Increment a counter and observe a histogram under one lock (once per request)."""
+        slot = bisect.bisect_left(DURATION_BUCKETS, value)  # len(DURATION_BUCKETS): +Inf only
+        key = (histogram, histogram_labels)
+        with self._lock:
+            if counter is not None:
+                counted = (counter, counter_labels)
+                self._counters[counted] = self._counters.get(counted, 0) + 1
+            entry = self._histograms.get(key)
+            if entry is None:
+                entry = self._histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0, 0]
+            entry[0][slot] += 1
+            entry[1] += value
+            entry[2] += 1
 
-    def watch(self, target: Any) -> None:
-        deadline = target.deadline
-        when = deadline if deadline is not None else self._clock() + self._recheck
-        with self._cond:
-            heapq.heappush(self._heap, (when, next(self._seq), target))
-            if self._heap[0][2] is target:
-                self._cond.notify()
+    def _labels(self, family: Family, values: Iterable[str], extra: str = "") -> str:
+        pairs = [f'{k}="{_label_value(v)}"' for k, v in zip(family.labels, values)]
+        if self._worker is not None:
+            pairs.append(f'worker="{self._worker}"')
+        if extra:
+            pairs.append(extra)
+        return "{" + ",".join(pairs) + "}" if pairs else ""
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            due = []
-            with self._cond:
-                if self._stopped:
-                    return
-                now = self._clock()
-                while self._heap and self._heap[0][0] <= now:
-                    _, _, target = heapq.heappop(self._heap)
-                    if target.done:
+    def render(self, gauges: Mapping[str, Iterable[tuple[tuple[str, ...], float]]]) -> str:
+        with self._lock:
+            counters = dict(self._counters)
+            histograms = {k: [list(v[0]), v[1], v[2]] for k, v in self._histograms.items()}
+        gauges = dict(gauges)
+        gauges["smsp_build_info"] = [((VERSION,), 1)]
+        gauges["process_start_time_seconds"] = [((), self._start)]
+        lines = []
+        for family in FAMILIES:
+            lines.append(f"# HELP {family.name} {family.help}")
+            lines.append(f"# TYPE {family.name} {family.kind}")
+            if family.kind == "histogram":
+                for (name, labels), (buckets, total, count) in sorted(histograms.items()):
+                    if name != family.name:
                         continue
-                    deadline = target.deadline
-                    if deadline is None or deadline > now:
-                        later = deadline if deadline is not None else now + self._recheck
-                        heapq.heappush(self._heap, (later, next(self._seq), target))
-                    else:
-                        due.append(target)
-                if not due:
-                    wait = self._heap[0][0] - now if self._heap else None
-                    self._cond.wait(wait)
-                    continue
-            for target in due:
-                try:
-                    target.expire()
-                except Exception:  # a dying watchdog would unbound every deadline
-                    pass
+                    cumulative = 0
+                    for bound, n in zip(DURATION_BUCKETS, buckets):
+                        cumulative += n
+                        le = self._labels(family, labels, f'le="{bound:g}"')
+                        lines.append(f"{name}_bucket{le} {cumulative}")
+                    inf = self._labels(family, labels, 'le="+Inf"')
+                    lines.append(f"{name}_bucket{inf} {count}")
+                    lines.append(f"{name}_sum{self._labels(family, labels)} {total:.6f}")
+                    lines.append(f"{name}_count{self._labels(family, labels)} {count}")
+                continue
+            if family.kind == "gauge":
+                series = sorted(gauges.get(family.name, ()))
+            else:
+                series = sorted((labels, v) for (n, labels), v in counters.items()
+                                if n == family.name)
+            for labels, value in series:
+                lines.append(f"{family.name}{self._labels(family, labels)} {value:.17g}")
+        return "\n".join(lines) + "\n"
 
 
-def _shutdown_socket(sock: socket.socket | None, how: int) -> None:
-    """Shut a socket down from another thread, waking any blocked recv.
-
-    On an SSLSocket the base class method is used: SSLSocket.shutdown also
-    drops the TLS state, which would make a later write go out in clear.
-    """
-    if sock is None:
-        return
-    try:
-        socket.socket.shutdown(sock, how)
-    except OSError:
-        pass
-
-
-class Deadline:
-    """A watchdog target: shuts a socket down if its deadline passes before it is done.
-
-    The socket is read from ``owner.<attribute>`` when the deadline passes, so
-    it may still be None (not connected yet) or be replaced (a TLS wrap).
-    ``how`` is SHUT_RDWR for a provider exchange and SHUT_RD for a client
-    connection, whose write side stays open for a 408.
-    """
-
-    __slots__ = ("_attribute", "_how", "_owner", "deadline", "done", "expired")
-
-    def __init__(self, deadline: float | None, owner: Any, attribute: str = "sock",
-                 how: int = socket.SHUT_RDWR) -> None:
-        self.deadline = deadline
-        self.done = False
-        self.expired = False
-        self._owner = owner
-        self._attribute = attribute
-        self._how = how
-
-    def finish(self) -> None:
-        """Done: expire() does nothing from now on, and the owner is let go (the
-        watchdog keeps a target until its deadline, and a Handler refers back)."""
-        self.done = True
-        self._owner = None
-
-    def interrupt(self) -> None:
-        """Wake whoever is blocked reading the socket, now."""
-        _shutdown_socket(getattr(self._owner, self._attribute, None), self._how)
-
-    def expire(self) -> None:
-        if not self.done:
-            self.expired = True
-            self.interrupt()
-
-
-# ---------------------------------------------------------------- providers ---
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Receipt:
-    """A provider accepted the message.  ``warning`` notes a malformed success reply."""
-
-    provider: str
-    message_id: str | None
-    warning: str | None = None
+# -------------------------------------------------------------- HTTP client ---
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1014,6 +1133,18 @@ class HTTPClient:
         else:
             self._release(conn)
         return reply
+
+
+# ---------------------------------------------------------------- providers ---
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Receipt:
+    """A provider accepted the message.  ``warning`` notes a malformed success reply."""
+
+    provider: str
+    message_id: str | None
+    warning: str | None = None
 
 
 def _error_text(reply: Reply) -> str:
@@ -1522,7 +1653,7 @@ class Dispatcher:
                               "take the message", provider=name)
 
 
-# ------------------------------------------------------------- idempotency ---
+# -------------------------------------------------------------- idempotency ---
 
 
 class Claim(enum.Enum):
@@ -1600,146 +1731,102 @@ class IdempotencyStore:
             del self._entries[victim]
 
 
-# ------------------------------------------------------------------ metrics ---
+# --------------------------------------- HTTP messages: parsing and writing ---
 
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
-                     "CONNECT"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    name: str
-    kind: str
-    help: str
-    labels: tuple[str, ...]
+_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_UNIQUE_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "host",
+                             "x-api-key", "idempotency-key"})
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-FAMILIES = (
-    Family("smsp_http_requests_total", "counter", "HTTP requests answered.",
-           ("method", "route", "status")),
-    Family("smsp_http_request_duration_seconds", "histogram", "HTTP request duration.",
-           ("route",)),
-    Family("smsp_provider_attempts_total", "counter", "Provider attempts by outcome.",
-           ("provider", "outcome")),
-    Family("smsp_provider_attempt_duration_seconds", "histogram", "Provider attempt duration.",
-           ("provider",)),
-    Family("smsp_circuit_open", "gauge", "1 while the provider's circuit is open.",
-           ("provider",)),
-    Family("smsp_circuit_transitions_total", "counter", "Circuit state changes.",
-           ("provider", "to")),
-    Family("smsp_circuit_polls_total", "counter", "Polls of open circuits.",
-           ("provider", "result")),
-    Family("smsp_inflight_requests", "gauge", "Requests being served now.", ()),
-    Family("smsp_build_info", "gauge", "Build information.", ("version",)),
-    Family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
-           ()),
-)
+class HTTPError(SmspError):
+    """A request the parser refuses, with the status http.server would give it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class ClientGone(SmspError):
+    """The client closed the connection or ran out of time mid-request."""
 
 
-class Metrics:
-    """Counters and histograms, written in the Prometheus text format 0.0.4.
+_COMMON_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
 
-    Thread-safe; the lock guards only the dictionaries.  Gauges are read at
-    scrape time from the objects that own them (``render(gauges)``).  With
-    ``worker`` set, every series carries a ``worker`` label.
+
+def _parse_version(word: str) -> tuple[int, int]:
+    """``HTTP/x.y`` as http.server reads it: 400 when malformed, 505 from 2.0 on."""
+    try:
+        if not word.startswith("HTTP/"):
+            raise ValueError
+        parts = word.split("/", 1)[1].split(".")
+        if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
+            raise ValueError
+        version = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise HTTPError(400, f"Bad request version ({word!r})") from None
+    if version >= (2, 0):
+        raise HTTPError(505, f"Invalid HTTP version ({word.split('/', 1)[1]})")
+    return version
+
+
+def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]] | None:
+    """Split a request line as http.server does; None for a blank line (just close).
+
+    Raises HTTPError with http.server's status: 400 for bad syntax or
+    version, 505 for HTTP/2 and later.  HTTP/0.9 requests are refused with 400.
     """
-
-    def __init__(self, *, worker: int | None = None, start_time: float | None = None) -> None:
-        self._families = {f.name: f for f in FAMILIES}
-        self._worker = worker
-        self._start = time.time() if start_time is None else start_time
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple[str, ...]], float] = {}
-        self._histograms: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
-
-    def inc(self, name: str, *labels: str, amount: float = 1) -> None:
-        key = (name, labels)
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
-
-    def observe(self, name: str, value: float, *labels: str) -> None:
-        self.count_and_observe(None, (), name, labels, value)
-
-    def count_and_observe(self, counter: str | None, counter_labels: tuple[str, ...],
-                          histogram: str, histogram_labels: tuple[str, ...],
-                          value: float) -> None:
-        """Increment a counter and observe a histogram under one lock (once per request)."""
-        slot = bisect.bisect_left(DURATION_BUCKETS, value)  # len(DURATION_BUCKETS): +Inf only
-        key = (histogram, histogram_labels)
-        with self._lock:
-            if counter is not None:
-                counted = (counter, counter_labels)
-                self._counters[counted] = self._counters.get(counted, 0) + 1
-            entry = self._histograms.get(key)
-            if entry is None:
-                entry = self._histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0, 0]
-            entry[0][slot] += 1
-            entry[1] += value
-            entry[2] += 1
-
-    def _labels(self, family: Family, values: Iterable[str], extra: str = "") -> str:
-        pairs = [f'{k}="{_label_value(v)}"' for k, v in zip(family.labels, values)]
-        if self._worker is not None:
-            pairs.append(f'worker="{self._worker}"')
-        if extra:
-            pairs.append(extra)
-        return "{" + ",".join(pairs) + "}" if pairs else ""
-
-    def render(self, gauges: Mapping[str, Iterable[tuple[tuple[str, ...], float]]]) -> str:
-        with self._lock:
-            counters = dict(self._counters)
-            histograms = {k: [list(v[0]), v[1], v[2]] for k, v in self._histograms.items()}
-        gauges = dict(gauges)
-        gauges["smsp_build_info"] = [((VERSION,), 1)]
-        gauges["process_start_time_seconds"] = [((), self._start)]
-        lines = []
-        for family in FAMILIES:
-            lines.append(f"# HELP {family.name} {family.help}")
-            lines.append(f"# TYPE {family.name} {family.kind}")
-            if family.kind == "histogram":
-                for (name, labels), (buckets, total, count) in sorted(histograms.items()):
-                    if name != family.name:
-                        continue
-                    cumulative = 0
-                    for bound, n in zip(DURATION_BUCKETS, buckets):
-                        cumulative += n
-                        le = self._labels(family, labels, f'le="{bound:g}"')
-                        lines.append(f"{name}_bucket{le} {cumulative}")
-                    inf = self._labels(family, labels, 'le="+Inf"')
-                    lines.append(f"{name}_bucket{inf} {count}")
-                    lines.append(f"{name}_sum{self._labels(family, labels)} {total:.6f}")
-                    lines.append(f"{name}_count{self._labels(family, labels)} {count}")
-                continue
-            if family.kind == "gauge":
-                series = sorted(gauges.get(family.name, ()))
-            else:
-                series = sorted((labels, v) for (n, labels), v in counters.items()
-                                if n == family.name)
-            for labels, value in series:
-                lines.append(f"{family.name}{self._labels(family, labels)} {value:.17g}")
-        return "\n".join(lines) + "\n"
+    text = str(line, "iso-8859-1").rstrip("\r\n")
+    words = text.split()
+    if not words:
+        return None
+    version = (0, 9)
+    if len(words) >= 3:
+        version = _COMMON_VERSIONS.get(words[-1]) or _parse_version(words[-1])
+    if not 2 <= len(words) <= 3:
+        raise HTTPError(400, f"Bad request syntax ({text[:100]!r})")
+    if len(words) == 2:
+        raise HTTPError(400, "HTTP/0.9 requests are not supported")
+    return words[0], words[1], version
 
 
-# --------------------------------------------------------- HTTP application ---
+def read_headers(rfile: Any) -> dict[str, str]:
+    """Read header lines up to the blank line, with http.server's limits.
 
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/email": ("POST",),
-    "/healthcheck": ("GET", "HEAD"),
-    "/swagger.json": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
-}
+    A line over 65536 bytes or more than 100 lines gets 431 as in http.server;
+    a line without a colon, or with space before it, gets 400.  Repeated
+    headers are joined with ", ", except those that must be unique (400).
+    Raises ClientGone when the stream ends first.
+    """
+    headers: dict[str, str] = {}
+    lines = 0
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise HTTPError(431, "Line too long")
+        lines += 1
+        if lines > MAX_HEADERS:
+            raise HTTPError(431, "Too many headers")
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if not line.endswith(b"\n"):
+            raise ClientGone("headers incomplete")
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN_BYTES):
+            raise HTTPError(400, "Bad header line")
+        key = name.lower().decode("ascii")
+        text = value.strip(b" \t\r\n").decode("iso-8859-1")
+        if key in headers:
+            if key in _UNIQUE_HEADERS:
+                raise HTTPError(400, f"Repeated {key} header")
+            text = f"{headers[key]}, {text}"
+        headers[key] = text
+
+
 JSON_TYPE = "application/json"
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CORS_ALLOW_HEADERS = "Content-Type, X-API-KEY, X-Request-Id, Idempotency-Key"
-IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
-_IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
-_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
-DEFAULT_POLL_ADDRESS = "poll@example.com"  # mock mode only: the mock ignores addresses
 
 
 @dataclasses.dataclass(slots=True)
@@ -1781,6 +1868,22 @@ def error_response(status: int, message: str, request_id: str, *,
         document["delivery"] = delivery.value
     return json_response(status, document,
                          delivery=None if delivery is None else delivery.value, **fields)
+
+
+# --------------------------------------------------------- HTTP application ---
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/email": ("POST",),
+    "/healthcheck": ("GET", "HEAD"),
+    "/swagger.json": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+}
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CORS_ALLOW_HEADERS = "Content-Type, X-API-KEY, X-Request-Id, Idempotency-Key"
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+_IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+DEFAULT_POLL_ADDRESS = "poll@example.com"  # mock mode only: the mock ignores addresses
 
 
 def _is_json_type(value: str) -> bool:
@@ -2077,98 +2180,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
 
 
 # -------------------------------------------------- HTTP handler and server ---
-
-_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
-_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_UNIQUE_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "host",
-                             "x-api-key", "idempotency-key"})
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-class HTTPError(SmspError):
-    """A request the parser refuses, with the status http.server would give it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class ClientGone(SmspError):
-    """The client closed the connection or ran out of time mid-request."""
-
-
-_COMMON_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
-
-
-def _parse_version(word: str) -> tuple[int, int]:
-    """``HTTP/x.y`` as http.server reads it: 400 when malformed, 505 from 2.0 on."""
-    try:
-        if not word.startswith("HTTP/"):
-            raise ValueError
-        parts = word.split("/", 1)[1].split(".")
-        if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
-            raise ValueError
-        version = (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        raise HTTPError(400, f"Bad request version ({word!r})") from None
-    if version >= (2, 0):
-        raise HTTPError(505, f"Invalid HTTP version ({word.split('/', 1)[1]})")
-    return version
-
-
-def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]] | None:
-    """Split a request line as http.server does; None for a blank line (just close).
-
-    Raises HTTPError with http.server's status: 400 for bad syntax or
-    version, 505 for HTTP/2 and later.  HTTP/0.9 requests are refused with 400.
-    """
-    text = str(line, "iso-8859-1").rstrip("\r\n")
-    words = text.split()
-    if not words:
-        return None
-    version = (0, 9)
-    if len(words) >= 3:
-        version = _COMMON_VERSIONS.get(words[-1]) or _parse_version(words[-1])
-    if not 2 <= len(words) <= 3:
-        raise HTTPError(400, f"Bad request syntax ({text[:100]!r})")
-    if len(words) == 2:
-        raise HTTPError(400, "HTTP/0.9 requests are not supported")
-    return words[0], words[1], version
-
-
-def read_headers(rfile: Any) -> dict[str, str]:
-    """Read header lines up to the blank line, with http.server's limits.
-
-    A line over 65536 bytes or more than 100 lines gets 431 as in http.server;
-    a line without a colon, or with space before it, gets 400.  Repeated
-    headers are joined with ", ", except those that must be unique (400).
-    Raises ClientGone when the stream ends first.
-    """
-    headers: dict[str, str] = {}
-    lines = 0
-    while True:
-        line = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise HTTPError(431, "Line too long")
-        lines += 1
-        if lines > MAX_HEADERS:
-            raise HTTPError(431, "Too many headers")
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if not line.endswith(b"\n"):
-            raise ClientGone("headers incomplete")
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, _TOKEN_BYTES):
-            raise HTTPError(400, "Bad header line")
-        key = name.lower().decode("ascii")
-        text = value.strip(b" \t\r\n").decode("iso-8859-1")
-        if key in headers:
-            if key in _UNIQUE_HEADERS:
-                raise HTTPError(400, f"Repeated {key} header")
-            text = f"{headers[key]}, {text}"
-        headers[key] = text
 
 
 class _Connection(Deadline):
