@@ -123,19 +123,21 @@ class ProviderError(SmspError):
     """One provider attempt failed.
 
     ``outcome`` decides failover (only NOT_SENT fails over) and the breaker
-    (everything but REJECTED counts as a failure).  ``timed_out`` tells a 504
-    from a 502.  ``provider_message`` is the provider's own explanation of a
-    rejection, safe to pass to the client.
+    (everything but REJECTED counts as a failure).  ``reason`` is a short
+    classification that is safe on anonymous pages ("HTTP 500", "timed out",
+    "connect refused"); it never holds provider text or exception messages.
+    ``timed_out`` tells a 504 from a 502.  ``detail`` is the provider's own
+    explanation, passed only to the authenticated client whose message it
+    rejected.
     """
 
     def __init__(self, outcome: Outcome, reason: str, *, timed_out: bool = False,
-                 status: int | None = None, provider_message: str | None = None) -> None:
+                 detail: str | None = None) -> None:
         super().__init__(reason)
         self.outcome = outcome
         self.reason = reason
         self.timed_out = timed_out
-        self.status = status
-        self.provider_message = provider_message
+        self.detail = detail
 
     @property
     def trips_breaker(self) -> bool:
@@ -796,13 +798,36 @@ class IdGenerator:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """One attached file, decoded; with ``content_id`` it is an inline part (``cid:``)."""
+
+    filename: str
+    content_type: str
+    content: bytes
+    content_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Message:
-    """One plain-text email, already validated."""
+    """One email, already validated.  Empty means absent for every optional field."""
 
     sender: Address
-    recipient: Address
+    to: tuple[Address, ...]
     subject: str = ""
-    body: str = ""
+    text: str = ""
+    html: str = ""
+    cc: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+    reply_to: Address | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+    tags: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def recipients(self) -> tuple[Address, ...]:
+        """Everyone the message goes to: to, cc and bcc."""
+        return self.to + self.cc + self.bcc
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -864,7 +889,7 @@ def parse_message(document: Mapping[str, Any]) -> Message:
     if "\x00" in body:
         raise ValidationError("plaintextbody", "must not contain NUL characters")
     _check_text("plaintextbody", body)
-    return Message(sender, recipient, subject, body)
+    return Message(sender, (recipient,), subject, body)
 
 
 # ------------------------------------------------------------------ metrics ---
@@ -1222,7 +1247,7 @@ class HTTPProvider(Provider):
             return self.receipt(reply)
         detail = _error_text(reply)
         raise ProviderError(outcome, f"HTTP {reply.status}: {detail}"[:MAX_PROVIDER_MESSAGE],
-                            status=reply.status, provider_message=detail)
+                            detail=detail)
 
     def close(self) -> None:
         self.client.close()
@@ -1247,8 +1272,8 @@ class MailgunProvider(HTTPProvider):
         self._authorization = f"Basic {token}"
 
     def encode(self, message: Message) -> tuple[dict[str, str], bytes]:
-        fields = {"from": str(message.sender), "to": str(message.recipient),
-                  "subject": message.subject, "text": message.body or " "}
+        fields = {"from": str(message.sender), "to": str(message.to[0]),
+                  "subject": message.subject, "text": message.text or " "}
         return ({"Authorization": self._authorization, "Accept": "application/json",
                  "Content-Type": "application/x-www-form-urlencoded"},
                 urllib.parse.urlencode(fields).encode("ascii"))
@@ -1287,10 +1312,10 @@ class SendGridProvider(HTTPProvider):
 
     def encode(self, message: Message) -> tuple[dict[str, str], bytes]:
         document = {  # SendGrid rejects an empty subject or content value: send one space
-            "personalizations": [{"to": [self._party(message.recipient)]}],
+            "personalizations": [{"to": [self._party(message.to[0])]}],
             "from": self._party(message.sender),
             "subject": message.subject or " ",
-            "content": [{"type": "text/plain", "value": message.body or " "}],
+            "content": [{"type": "text/plain", "value": message.text or " "}],
         }
         return ({"Authorization": self._authorization, "Accept": "application/json",
                  "Content-Type": "application/json"},
@@ -1330,7 +1355,7 @@ class MockProvider(Provider):
             self._stop.wait(max(0.0, deadline - self._clock()))
             raise ProviderError(Outcome.UNKNOWN, "no complete answer: timed out", timed_out=True)
         if message.subject == "fail":
-            raise ProviderError(Outcome.NOT_SENT, "HTTP 500: mock provider failure", status=500)
+            raise ProviderError(Outcome.NOT_SENT, "HTTP 500: mock provider failure")
         return Receipt(self.name, f"mock-{self._ids()}")
 
 
@@ -1632,12 +1657,12 @@ class Dispatcher:
             self._log.debug("provider_attempt", request_id=request_id, provider=name,
                             outcome=outcome, duration_ms=round(elapsed * 1000, 2),
                             reason=reason, fromaddress=message.sender.email,
-                            toaddress=message.recipient.email)
+                            toaddress=message.to[0].email)
 
     def _failed(self, name: str, error: ProviderError) -> DeliveryFailed:
         if error.outcome is Outcome.REJECTED:
             return DeliveryFailed(422, Delivery.NOT_SENT,
-                                  f"{name} rejected the message: {error.provider_message}",
+                                  f"{name} rejected the message: {error.detail}",
                                   provider=name)
         if error.outcome is Outcome.UNKNOWN and error.timed_out:
             return DeliveryFailed(504, Delivery.UNKNOWN,
@@ -2600,7 +2625,7 @@ def build_service(config: Config, *, log: Logger | None = None,
     watchdog = Watchdog(recheck=min(1.0, config.client_timeout))
     stop = threading.Event()
     address = Address(config.poll_address or DEFAULT_POLL_ADDRESS)
-    poll = Message(address, address, POLL_SUBJECT, POLL_BODY)
+    poll = Message(address, (address,), POLL_SUBJECT, POLL_BODY)
 
     def on_change(change: StateChange) -> None:
         metrics.inc("smsp_circuit_transitions_total", change.breaker, change.new.value)

@@ -261,7 +261,7 @@ def test_address_pattern_is_the_one_published_in_the_openapi_document() -> None:
 def test_message_defaults_and_unknown_fields() -> None:
     message = smsp.parse_message({"fromaddress": "a@example.com", "toaddress": "b@example.com",
                                   "cc": "ignored@example.com"})
-    assert (message.subject, message.body) == ("", "")
+    assert (message.subject, message.text) == ("", "")
 
 
 @pytest.mark.parametrize(("document", "message"), [
@@ -283,7 +283,7 @@ def test_message_field_rules(document: dict[str, Any], message: str) -> None:
 
 def test_multiline_body_with_tabs_is_fine() -> None:
     message = smsp.parse_message({**EMAIL, "plaintextbody": "a\r\n\tb\nc"})
-    assert message.body == "a\r\n\tb\nc"
+    assert message.text == "a\r\n\tb\nc"
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -455,7 +455,7 @@ def test_probe_counts_a_rejection_as_healthy_and_other_failures_as_down() -> Non
                 raise self.error
             return smsp.Receipt(self.name, "id")
 
-    poll = smsp.Message(smsp.Address(POLL), smsp.Address(POLL), "poll", "poll")
+    poll = smsp.Message(smsp.Address(POLL), (smsp.Address(POLL),), "poll", "poll")
     rejected = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400")
     down = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 503")
     assert smsp.make_probe(Scripted(None), poll, 1)() is None
@@ -512,9 +512,9 @@ def dispatch(first: smsp.ProviderError | None, second: smsp.ProviderError | None
     return result, providers, [r.breaker.state for r in routes]
 
 
-NOT_SENT = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 500", status=500)
-REJECTED = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400", status=400,
-                              provider_message="'to' parameter is not a valid address")
+NOT_SENT = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 500")
+REJECTED = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400",
+                              detail="'to' parameter is not a valid address")
 TIMED_OUT = smsp.ProviderError(smsp.Outcome.UNKNOWN, "timed out", timed_out=True)
 RESET = smsp.ProviderError(smsp.Outcome.UNKNOWN, "ConnectionResetError")
 

@@ -13,7 +13,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fakes import FakeMailgun, FakeSendGrid, Status  # noqa: E402
+from fakes import FakeMailgun, FakeSendGrid  # noqa: E402
 from testkit import MG_DOMAIN, MG_KEY, SG_KEY, provider_config, running  # noqa: E402
 
 SHAPES = [
