@@ -78,6 +78,7 @@ GIL_SWITCH_INTERVAL = 0.05  # seconds; CPython's default is 0.005 (see serve())
 
 POLL_SUBJECT = "poll"
 POLL_BODY = "poll"
+IDEMPOTENCY_MARGIN = 5.0  # seconds a key's lease outlives the longest send it covers
 
 # --------------------------------------------------------- errors, outcomes ---
 
@@ -92,14 +93,35 @@ class Outcome(enum.Enum):
 
 
 class Delivery(enum.Enum):
-    """What the client is told about its mail in an error body."""
+    """What the client is told about its mail."""
 
+    SENT = "sent"
     NOT_SENT = "not_sent"
     UNKNOWN = "unknown"
 
 
 class SmspError(Exception):
     """Base class of every error smsp raises on purpose."""
+
+
+class Redactor:
+    """Masks secrets in text that is passed on or logged.
+
+    Each configured secret is replaced by ``****``, and so is the credential of
+    any HTTP Basic or Bearer form, whatever it encodes.  Immutable, so
+    thread-safe.
+    """
+
+    _CREDENTIAL_RE = re.compile(r"\b(Basic|Bearer)\s+[A-Za-z0-9+/=._~-]+", re.IGNORECASE)
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "****")
+        return self._CREDENTIAL_RE.sub(r"\1 ****", text)
 
 
 class ConfigError(SmspError):
@@ -142,15 +164,6 @@ class ProviderError(SmspError):
     @property
     def trips_breaker(self) -> bool:
         return self.outcome is not Outcome.REJECTED
-
-
-def classify_status(status: int) -> Outcome:
-    """The failure classification of one provider HTTP status (see README)."""
-    if 200 <= status < 300:
-        return Outcome.SENT
-    if status in (400, 413, 422):
-        return Outcome.REJECTED
-    return Outcome.NOT_SENT  # 401, 403, 404, 429, 5xx, 3xx and anything else
 
 
 # ---------------------------------------------------- threads and deadlines ---
@@ -356,7 +369,6 @@ def parse_address(field: str, value: Any) -> Address:
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 LOG_FORMATS = ("DEBUG", "JSON_ONELINE", "JSON_ONLINE", "JSON_PRETTY")
-KNOWN_PROVIDERS = ("mailgun", "sendgrid")
 
 
 def _parse_bool(text: str) -> bool:
@@ -368,8 +380,8 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _number(kind: type, low: float | None = None, *, above: bool = False
-            ) -> Callable[[str], Any]:
+def _number(kind: type, low: float | None = None, high: float | None = None, *,
+            above: bool = False) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text.strip())
@@ -379,6 +391,8 @@ def _number(kind: type, low: float | None = None, *, above: bool = False
             raise ValueError("must be a finite number")
         if low is not None and (value <= low if above else value < low):
             raise ValueError(f"must be {'greater than' if above else 'at least'} {low:g}")
+        if high is not None and value > high:
+            raise ValueError(f"must be at most {high:g}")
         return value
     return parse
 
@@ -390,11 +404,8 @@ def _parse_keys(text: str) -> tuple[str, ...]:
     return keys
 
 
-def _parse_providers(text: str) -> tuple[str, ...]:
+def _parse_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in KNOWN_PROVIDERS]
-    if unknown:
-        raise ValueError(f"unknown provider {unknown[0]!r}; known: {', '.join(KNOWN_PROVIDERS)}")
     if not names:
         raise ValueError("must name at least one provider")
     if len(set(names)) != len(names):
@@ -402,15 +413,18 @@ def _parse_providers(text: str) -> tuple[str, ...]:
     return names
 
 
-def _parse_base_url(text: str) -> str:
+def _parse_base_url(text: str) -> urllib.parse.SplitResult:
     url = urllib.parse.urlsplit(text.strip())
-    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
-        raise ValueError("must be an http:// or https:// URL without query")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(f"must be scheme and host only, like {url.scheme}://{url.netloc} "
+                         "(smsp adds the API path itself)")
     try:
         url.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ValueError("has an invalid port") from None
-    return text.strip().rstrip("/")
+    return url._replace(path="")
 
 
 def _parse_log_format(text: str) -> str:
@@ -424,9 +438,20 @@ def _parse_text(text: str) -> str:
     return text.strip()
 
 
+def _parse_poll_address(text: str) -> Address:
+    try:
+        return parse_address("SMSP_POLL_MESSAGE_ADDRESS", text.strip())
+    except ValidationError as exc:
+        raise ValueError(exc.reason) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One environment variable: its parser, default and help."""
+    """One environment variable: its parser, its default (the only one) and its help.
+
+    ``required`` means it must be set (for a provider's row: when that
+    provider is in use).  ``secret`` values are masked wherever shown.
+    """
 
     env: str
     field: str
@@ -434,23 +459,29 @@ class Setting:
     default: Any
     help: str
     secret: bool = False
+    required: bool = False
+
+    def shown(self, value: Any) -> str:
+        """The value as --check-config and --help print it."""
+        if self.secret and value:
+            return ",".join("****" for _ in value) if isinstance(value, tuple) else "****"
+        if isinstance(value, urllib.parse.SplitResult):
+            return value.geturl()
+        if isinstance(value, tuple):
+            return ",".join(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return str(value)
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("SMSP_API_KEY", "api_keys", _parse_keys, None,
-            "client API key(s), comma-separated for rotation (required)", secret=True),
+    Setting("SMSP_API_KEY", "api_keys", _parse_keys, (),
+            "client API key(s), comma-separated for rotation", secret=True, required=True),
     Setting("SMSP_MOCK_EMAIL_SERVICE", "mock", _parse_bool, False,
             "true: the mock provider is the only provider (subject 'timeout'/'fail')"),
-    Setting("SMSP_PROVIDERS", "providers", _parse_providers, ("mailgun", "sendgrid"),
+    Setting("SMSP_PROVIDERS", "providers", _parse_names, ("mailgun", "sendgrid"),
             "provider order, comma-separated"),
-    Setting("SMSP_MG_DOMAIN", "mg_domain", _parse_text, "", "Mailgun sending domain"),
-    Setting("SMSP_MG_API_KEY", "mg_api_key", _parse_text, "", "Mailgun API key", secret=True),
-    Setting("SMSP_MG_BASE_URL", "mg_base_url", _parse_base_url, "https://api.mailgun.net",
-            "Mailgun API base (EU: https://api.eu.mailgun.net)"),
-    Setting("SMSP_SG_API_KEY", "sg_api_key", _parse_text, "", "SendGrid API key", secret=True),
-    Setting("SMSP_SG_BASE_URL", "sg_base_url", _parse_base_url, "https://api.sendgrid.com",
-            "SendGrid API base"),
-    Setting("SMSP_POLL_MESSAGE_ADDRESS", "poll_address", _parse_text, "",
+    Setting("SMSP_POLL_MESSAGE_ADDRESS", "poll_address", _parse_poll_address, None,
             "from/to address of poll messages (required unless mock)"),
     Setting("SMSP_TIMEOUT", "timeout", _number(float, 0, above=True), 2.0,
             "seconds for one provider attempt, in total"),
@@ -463,7 +494,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SMSP_MAX_BODY_BYTES", "max_body_bytes", _number(int, 1), 1 << 20,
             "largest request body accepted"),
     Setting("SMSP_HOST", "host", _parse_text, "0.0.0.0", "listen address (--host)"),
-    Setting("SMSP_PORT", "port", _number(int, 0), 8080, "listen port (--port)"),
+    Setting("SMSP_PORT", "port", _number(int, 0, 65535), 8080, "listen port (--port)"),
     Setting("SMSP_LOG_OUTPUT_FORMAT", "log_format", _parse_log_format, "DEBUG",
             "DEBUG (readable), JSON_ONELINE (alias JSON_ONLINE) or JSON_PRETTY"),
     Setting("SMSP_LOG_OUTPUT_DEBUG", "log_debug", _parse_bool, False,
@@ -489,113 +520,84 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def parse_settings(rows: Iterable[Setting], env: Mapping[str, str],
+                   problems: list[str]) -> dict[str, Any]:
+    """Each row's value from ``env`` (its default when unset); problems are appended."""
+    values: dict[str, Any] = {}
+    for row in rows:
+        raw = env.get(row.env, "")
+        if raw.strip() == "":
+            values[row.field] = row.default
+            continue
+        try:
+            values[row.field] = row.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{row.env} {exc}")
+            values[row.field] = row.default
+    return values
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole configuration, parsed once; see SETTINGS for defaults and meaning."""
+    """The whole configuration, parsed once and typed; SETTINGS holds every default.
+
+    ``provider_settings`` holds each known provider's own rows' values, keyed
+    by provider name and then field.  Build one with ``load_config`` (below
+    the provider registry), which reports every problem at once.
+    """
 
     api_keys: tuple[str, ...]
-    mock: bool = False
-    providers: tuple[str, ...] = ("mailgun", "sendgrid")
-    mg_domain: str = ""
-    mg_api_key: str = ""
-    mg_base_url: str = "https://api.mailgun.net"
-    sg_api_key: str = ""
-    sg_base_url: str = "https://api.sendgrid.com"
-    poll_address: str = ""
-    timeout: float = 2.0
-    poll_interval: float = 5.0
-    poll_interval_max: float = 60.0
-    failure_threshold: int = 1
-    max_body_bytes: int = 1 << 20
-    host: str = "0.0.0.0"
-    port: int = 8080
-    log_format: str = "DEBUG"
-    log_debug: bool = False
-    max_connections: int = 1024
-    client_timeout: float = 10.0
-    shutdown_grace: float = 10.0
-    idempotency_ttl: float = 86400.0
-    idempotency_max: int = 10000
-    tls_cert: str = ""
-    tls_key: str = ""
-    pool_size: int = 16
-    pool_idle: float = 15.0
-    workers: int = 1
+    mock: bool
+    providers: tuple[str, ...]
+    poll_address: Address | None
+    timeout: float
+    poll_interval: float
+    poll_interval_max: float
+    failure_threshold: int
+    max_body_bytes: int
+    host: str
+    port: int
+    log_format: str
+    log_debug: bool
+    max_connections: int
+    client_timeout: float
+    shutdown_grace: float
+    idempotency_ttl: float
+    idempotency_max: int
+    tls_cert: str
+    tls_key: str
+    pool_size: int
+    pool_idle: float
+    workers: int
+    provider_settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def active_providers(self) -> tuple[str, ...]:
         return ("mock",) if self.mock else self.providers
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> "Config":
-        """Parse ``env``; raise ConfigError naming every problem at once.
+    def value(self, field: str) -> Any:
+        """A setting's value by its field name, a core one or a provider's."""
+        if field in CONFIG_FIELDS:
+            return getattr(self, field)
+        for values in self.provider_settings.values():
+            if field in values:
+                return values[field]
+        raise KeyError(field)
 
-        ``overrides`` (from the command line) win over the environment; a
-        value of None means "not given".
-        """
-        values: dict[str, Any] = {}
-        problems: list[str] = []
-        for setting in SETTINGS:
-            raw = env.get(setting.env, "")
-            if overrides.get(setting.field) is not None:
-                raw = str(overrides[setting.field])
-            if raw.strip() == "":
-                if setting.default is None:
-                    problems.append(f"{setting.env} is required")
-                else:
-                    values[setting.field] = setting.default
-                continue
-            try:
-                values[setting.field] = setting.parse(raw)
-            except ValueError as exc:
-                problems.append(f"{setting.env} {exc}")
-        problems += cls._cross_check(values)
-        if problems:
-            raise ConfigError(problems)
-        return cls(**values)
-
-    @staticmethod
-    def _cross_check(v: dict[str, Any]) -> list[str]:
+    def problems(self) -> list[str]:
+        """What is wrong across settings (each setting alone parsed fine)."""
         problems = []
-        if v.get("poll_interval_max", 60.0) < v.get("poll_interval", 5.0):
+        if self.poll_interval_max < self.poll_interval:
             problems.append("SMSP_POLL_INTERVAL_MAX must be at least SMSP_POLL_INTERVAL")
-        if bool(v.get("tls_cert")) != bool(v.get("tls_key")):
+        if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("SMSP_TLS_CERT and SMSP_TLS_KEY must be set together")
-        for name in ("tls_cert", "tls_key"):
-            if v.get(name) and not os.path.isfile(v[name]):
-                problems.append(f"SMSP_{name.upper()} is not a readable file: {v[name]}")
-        if v.get("mock"):
-            return problems
-        needs = {"mailgun": ("SMSP_MG_DOMAIN", "SMSP_MG_API_KEY"), "sendgrid": ("SMSP_SG_API_KEY",)}
-        for provider in v.get("providers", ()):
-            for env_name in needs[provider]:
-                field = next(s.field for s in SETTINGS if s.env == env_name)
-                if not v.get(field):
-                    problems.append(f"{env_name} is required for provider {provider}")
-        if not v.get("poll_address"):
-            problems.append("SMSP_POLL_MESSAGE_ADDRESS is required")
-        else:
-            try:
-                parse_address("SMSP_POLL_MESSAGE_ADDRESS", v["poll_address"])
-            except ValidationError as exc:
-                problems.append(f"SMSP_POLL_MESSAGE_ADDRESS {exc.reason}")
+        for env, path in (("SMSP_TLS_CERT", self.tls_cert), ("SMSP_TLS_KEY", self.tls_key)):
+            if path and not os.path.isfile(path):
+                problems.append(f"{env} is not a readable file: {path}")
         return problems
 
-    def describe(self) -> list[str]:
-        """The effective configuration, one ``NAME=value`` line each, secrets masked."""
-        lines = []
-        for setting in SETTINGS:
-            value = getattr(self, setting.field)
-            if isinstance(value, tuple):
-                shown = ",".join(value)
-            elif isinstance(value, bool):
-                shown = str(value).lower()
-            else:
-                shown = str(value)
-            if setting.secret and value:
-                shown = ",".join("****" for _ in value) if isinstance(value, tuple) else "****"
-            lines.append(f"{setting.env}={shown}")
-        return lines
+
+CONFIG_FIELDS = frozenset(row.field for row in SETTINGS)
 
 
 # ------------------------------------------------------------------ logging ---
@@ -867,29 +869,79 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return document
 
 
+def _parse_subject(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string")
+    if len(value) > MAX_SUBJECT:
+        raise ValidationError(field, f"must be at most {MAX_SUBJECT} characters")
+    if not (value.isascii() and value.isprintable()):
+        if _CONTROL_RE.search(value):
+            raise ValidationError(field, "must not contain CR, LF or other control characters")
+        _check_text(field, value)
+    return value
+
+
+def _parse_body(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, "must be a string")
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    _check_text(field, value)
+    return value
+
+
+def _parse_recipient(field: str, value: Any) -> tuple[Address, ...]:
+    return (parse_address(field, value),)
+
+
+_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+ADDRESS_SCHEMA: Mapping[str, Any] = {
+    "type": "string", "minLength": 1, "maxLength": MAX_ADDRESS_FIELD,
+    "pattern": ADDRESS_PATTERN, "example": "someone@example.com",
+    "description": f"user@domain or Name <user@domain>; the address itself at most "
+                   f"{MAX_ADDRESS} characters, its local part at most {MAX_LOCAL_PART}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of the POST /email body: how it is parsed and how it is documented.
+
+    ``attribute`` is the Message attribute it fills; a missing optional field
+    leaves the Message's own default.
+    """
+
+    name: str
+    attribute: str
+    parse: Callable[[str, Any], Any]
+    schema: Mapping[str, Any]
+    required: bool = False
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("fromaddress", "sender", parse_address, ADDRESS_SCHEMA, required=True),
+    Field("toaddress", "to", _parse_recipient, ADDRESS_SCHEMA, required=True),
+    Field("subject", "subject", _parse_subject,
+          {"type": "string", "maxLength": MAX_SUBJECT, "pattern": _NO_CONTROL, "default": ""}),
+    Field("plaintextbody", "text", _parse_body,
+          {"type": "string", "pattern": r"^[^\x00]*$", "default": ""}),
+)
+
+
 def parse_message(document: Mapping[str, Any]) -> Message:
-    """Validate a decoded POST /email body; unknown fields are ignored."""
-    for field in ("fromaddress", "toaddress"):
-        if field not in document:
-            raise ValidationError(field, "is required")
-    sender = parse_address("fromaddress", document["fromaddress"])
-    recipient = parse_address("toaddress", document["toaddress"])
-    subject = document.get("subject", "")
-    body = document.get("plaintextbody", "")
-    if not isinstance(subject, str):
-        raise ValidationError("subject", "must be a string")
-    if len(subject) > MAX_SUBJECT:
-        raise ValidationError("subject", f"must be at most {MAX_SUBJECT} characters")
-    if not (subject.isascii() and subject.isprintable()):
-        if _CONTROL_RE.search(subject):
-            raise ValidationError("subject", "must not contain CR, LF or other control characters")
-        _check_text("subject", subject)
-    if not isinstance(body, str):
-        raise ValidationError("plaintextbody", "must be a string")
-    if "\x00" in body:
-        raise ValidationError("plaintextbody", "must not contain NUL characters")
-    _check_text("plaintextbody", body)
-    return Message(sender, (recipient,), subject, body)
+    """Validate a decoded POST /email body by FIELDS; unknown fields are ignored."""
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        if field.name in document:
+            values[field.attribute] = field.parse(field.name, document[field.name])
+        elif field.required:
+            raise ValidationError(field.name, "is required")
+    return Message(**values)
+
+
+def message_schema() -> dict[str, Any]:
+    """The OpenAPI schema of the POST /email body, made from FIELDS."""
+    return {"type": "object", "required": [f.name for f in FIELDS if f.required],
+            "properties": {f.name: dict(f.schema) for f in FIELDS}}
 
 
 # ------------------------------------------------------------------ metrics ---
@@ -1029,6 +1081,26 @@ class Reply:
     body: bytes
 
 
+_TRANSPORT_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connect refused"),
+    (ConnectionResetError, "connection reset"),
+    (socket.gaierror, "DNS lookup failed"),
+    (ssl.SSLError, "TLS handshake failed"),
+    (http.client.RemoteDisconnected, "closed without an answer"),
+    (http.client.IncompleteRead, "answer cut short"),
+    (http.client.HTTPException, "malformed answer"),
+    (TimeoutError, "timed out"),
+)
+
+
+def transport_reason(exc: BaseException) -> str:
+    """A short classification of a transport failure, free of any peer's text."""
+    for kind, reason in _TRANSPORT_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "connection failed" if isinstance(exc, OSError) else "malformed answer"
+
+
 class HTTPClient:
     """POSTs to one provider over a small pool of persistent connections.
 
@@ -1041,14 +1113,13 @@ class HTTPClient:
     are not followed.
     """
 
-    def __init__(self, base_url: str, *, watchdog: Watchdog, pool_size: int = 16,
-                 pool_idle: float = 15.0, ssl_context: ssl.SSLContext | None = None,
+    def __init__(self, base_url: urllib.parse.SplitResult, *, watchdog: Watchdog,
+                 pool_size: int = 16, pool_idle: float = 15.0,
+                 ssl_context: ssl.SSLContext | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        url = urllib.parse.urlsplit(base_url)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or ""
-        self._port = url.port or (443 if self._https else 80)
-        self._prefix = url.path.rstrip("/")
+        self._https = base_url.scheme == "https"
+        self._host = base_url.hostname or ""
+        self._port = base_url.port or (443 if self._https else 80)
         self._context = (ssl_context or ssl.create_default_context()) if self._https else None
         self._watchdog = watchdog
         self._size = pool_size
@@ -1137,7 +1208,7 @@ class HTTPClient:
                 conn.connect()
             else:
                 conn.sock.settimeout(remaining)
-            conn.request("POST", self._prefix + path, body, dict(headers))
+            conn.request("POST", path, body, dict(headers))
             written = True
             response = conn.getresponse()
             data = self._read_body(response)
@@ -1147,10 +1218,10 @@ class HTTPClient:
             conn.close()
             timed_out = isinstance(exc, TimeoutError) or attempt.expired or \
                 self._clock() >= deadline
-            reason = "timed out" if timed_out else f"{type(exc).__name__}: {exc}"[:200]
+            reason = "timed out" if timed_out else transport_reason(exc)
             if not written:
-                raise ProviderError(Outcome.NOT_SENT, f"request not sent: {reason}") from None
-            raise ProviderError(Outcome.UNKNOWN, f"no complete answer: {reason}",
+                raise ProviderError(Outcome.NOT_SENT, f"{reason}, request not sent") from None
+            raise ProviderError(Outcome.UNKNOWN, f"{reason} after the request was sent",
                                 timed_out=timed_out) from None
         attempt.finish()
         if response.will_close or attempt.expired:
@@ -1172,82 +1243,143 @@ class Receipt:
     warning: str | None = None
 
 
-def _error_text(reply: Reply) -> str:
-    """The provider's own error message: Mailgun's ``message`` or SendGrid's ``errors``."""
-    text = reply.body.decode("utf-8", "replace")
-    try:
-        document = json.loads(text)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        if isinstance(document.get("errors"), list):
-            parts = []
-            for item in document["errors"]:
-                if isinstance(item, dict):
-                    field = f" ({item['field']})" if item.get("field") else ""
-                    parts.append(f"{item.get('message', '')}{field}")
-            text = "; ".join(parts)
-        elif isinstance(document.get("message"), str):
-            text = document["message"]
-    text = " ".join(text.split())
-    return text[:MAX_PROVIDER_MESSAGE]
+@dataclasses.dataclass(frozen=True)
+class ProviderContext:
+    """What every provider is built with besides its own settings: shared services.
+
+    ``redact`` masks every configured secret (and any Basic or Bearer
+    credential) in text a provider passes on.
+    """
+
+    watchdog: Watchdog
+    clock: Callable[[], float] = time.monotonic
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    redact: Callable[[str], str] = str
+    pool_size: int = 16
+    pool_idle: float = 15.0
+
+    def http_client(self, base_url: urllib.parse.SplitResult) -> HTTPClient:
+        """A pooled client with its own SSLContext, made now (not on the first send)."""
+        return HTTPClient(base_url, watchdog=self.watchdog, pool_size=self.pool_size,
+                          pool_idle=self.pool_idle, clock=self.clock,
+                          ssl_context=ssl.create_default_context())
 
 
 class Provider:
-    """An email provider.  Subclasses set ``name`` and implement ``send``.
+    """An email provider: one class holds everything smsp knows about it.
 
-    ``send(message, deadline)`` returns a Receipt or raises ProviderError; it
-    never outlives ``deadline`` (a ``clock()`` time) by more than a moment.
-    Implementations are thread-safe.
+    Subclasses set ``name`` and ``settings`` (their environment variables),
+    build themselves in ``from_settings`` and implement ``send(message,
+    deadline)``, which returns a Receipt or raises ProviderError and never
+    outlives ``deadline`` (a ``clock()`` time) by more than a moment.
+    ``cannot_carry`` names why this provider cannot take a message (it is
+    then skipped for it).  Implementations are thread-safe.
     """
 
     name: ClassVar[str] = ""
+    settings: ClassVar[tuple[Setting, ...]] = ()
 
     @classmethod
-    def from_config(cls, config: Config, *, watchdog: Watchdog, clock: Callable[[], float],
-                    stop: threading.Event) -> "Provider":
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext) -> "Provider":
         raise NotImplementedError
 
     def send(self, message: Message, deadline: float) -> Receipt:
         raise NotImplementedError
+
+    def cannot_carry(self, message: Message) -> str | None:
+        """Why this provider cannot carry ``message``, or None when it can."""
+        return None
+
+    def poll_message(self, address: Address) -> Message:
+        """The dummy message that polls an open circuit; valid for this provider."""
+        return Message(address, (address,), POLL_SUBJECT, POLL_BODY)
 
     def close(self) -> None:
         """Release connections; called at shutdown."""
 
 
+@dataclasses.dataclass(slots=True)
+class Outgoing:
+    """An HTTP request a provider is building: encoded, then signed, then posted."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+HTTP_STATUSES: Mapping[int, Outcome] = {400: Outcome.REJECTED, 413: Outcome.REJECTED,
+                                        422: Outcome.REJECTED}
+
+
+def classify_reply(status: int, code: str | None, statuses: Mapping[int, Outcome],
+                   codes: Mapping[str, Outcome]) -> Outcome:
+    """A provider's answer as an Outcome: its error code's row first, then its status's.
+
+    Any status without a row (401, 403, 404, 429, 5xx, 3xx) is NOT_SENT: the
+    provider answered, so it did not take the message.
+    """
+    if 200 <= status < 300:
+        return Outcome.SENT
+    if code is not None and code in codes:
+        return codes[code]
+    return statuses.get(status, Outcome.NOT_SENT)
+
+
+def json_document(reply: Reply) -> Any:
+    """The reply body as JSON, or None when it is not JSON."""
+    try:
+        return json.loads(reply.body)
+    except ValueError:
+        return None
+
+
 class HTTPProvider(Provider):
-    """A provider reached over HTTP: subclasses encode requests and read receipts."""
+    """A provider reached over HTTP: ``send`` is a template over small hooks.
 
-    path: ClassVar[str] = ""
+    ``encode`` builds the request, ``sign`` may add headers over the final
+    request (User-Agent included), then the request is posted and the reply
+    classified by ``classify_reply`` with the class's ``statuses`` and
+    ``codes`` tables and the ``error_code`` hook; ``receipt`` reads a
+    success and ``error_text`` the provider's own explanation of a failure.
+    """
 
-    base_url_field: ClassVar[str] = ""
+    statuses: ClassVar[Mapping[int, Outcome]] = HTTP_STATUSES
+    codes: ClassVar[Mapping[str, Outcome]] = {}
 
-    def __init__(self, client: HTTPClient) -> None:
+    def __init__(self, client: HTTPClient, redact: Callable[[str], str] = str) -> None:
         self.client = client
+        self._redact = redact
 
-    @classmethod
-    def client_for(cls, config: Config, *, watchdog: Watchdog, clock: Callable[[], float]
-                   ) -> HTTPClient:
-        return HTTPClient(getattr(config, cls.base_url_field), watchdog=watchdog,
-                          pool_size=config.pool_size, pool_idle=config.pool_idle, clock=clock,
-                          ssl_context=ssl.create_default_context())
-
-    def encode(self, message: Message) -> tuple[dict[str, str], bytes]:
+    def encode(self, message: Message) -> Outgoing:
         raise NotImplementedError
+
+    def sign(self, request: Outgoing) -> None:
+        """Add headers computed over the final request; most providers need none."""
+
+    def error_code(self, reply: Reply) -> str | None:
+        """The provider's own error code in a failed reply, if it has one."""
+        return None
+
+    def error_text(self, reply: Reply) -> str:
+        return reply.body.decode("utf-8", "replace")
 
     def receipt(self, reply: Reply) -> Receipt:
         raise NotImplementedError
 
     def send(self, message: Message, deadline: float) -> Receipt:
-        headers, body = self.encode(message)
-        headers["User-Agent"] = SERVER_NAME
-        reply = self.client.post(self.path, headers, body, deadline)
-        outcome = classify_status(reply.status)
+        request = self.encode(message)
+        request.headers["User-Agent"] = SERVER_NAME
+        self.sign(request)
+        reply = self.client.post(request.path, request.headers, request.body, deadline)
+        return self.answer(reply)
+
+    def answer(self, reply: Reply) -> Receipt:
+        """The receipt of a reply, or the ProviderError it means."""
+        outcome = classify_reply(reply.status, self.error_code(reply), self.statuses, self.codes)
         if outcome is Outcome.SENT:
             return self.receipt(reply)
-        detail = _error_text(reply)
-        raise ProviderError(outcome, f"HTTP {reply.status}: {detail}"[:MAX_PROVIDER_MESSAGE],
-                            detail=detail)
+        detail = " ".join(self._redact(self.error_text(reply)).split())
+        raise ProviderError(outcome, f"HTTP {reply.status}", detail=detail[:MAX_PROVIDER_MESSAGE])
 
     def close(self) -> None:
         self.client.close()
@@ -1257,34 +1389,47 @@ class MailgunProvider(HTTPProvider):
     """``POST /v3/{domain}/messages``, form-encoded, HTTP Basic ``api:key``."""
 
     name = "mailgun"
-    base_url_field = "mg_base_url"
+    settings = (
+        Setting("SMSP_MG_DOMAIN", "mg_domain", _parse_text, "", "Mailgun sending domain",
+                required=True),
+        Setting("SMSP_MG_API_KEY", "mg_api_key", _parse_text, "", "Mailgun API key",
+                secret=True, required=True),
+        Setting("SMSP_MG_BASE_URL", "mg_base_url", _parse_base_url,
+                _parse_base_url("https://api.mailgun.net"),
+                "Mailgun API base (EU: https://api.eu.mailgun.net)"),
+    )
 
     @classmethod
-    def from_config(cls, config: Config, *, watchdog: Watchdog, clock: Callable[[], float],
-                    stop: threading.Event) -> "MailgunProvider":
-        client = cls.client_for(config, watchdog=watchdog, clock=clock)
-        return cls(client, config.mg_domain, config.mg_api_key)
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "MailgunProvider":
+        return cls(context.http_client(values["mg_base_url"]), values["mg_domain"],
+                   values["mg_api_key"], context.redact)
 
-    def __init__(self, client: HTTPClient, domain: str, api_key: str) -> None:
-        super().__init__(client)
+    def __init__(self, client: HTTPClient, domain: str, api_key: str,
+                 redact: Callable[[str], str] = str) -> None:
+        super().__init__(client, redact)
         self.path = f"/v3/{urllib.parse.quote(domain, safe='')}/messages"
         token = base64.b64encode(f"api:{api_key}".encode()).decode("ascii")
         self._authorization = f"Basic {token}"
 
-    def encode(self, message: Message) -> tuple[dict[str, str], bytes]:
+    def encode(self, message: Message) -> Outgoing:
         fields = {"from": str(message.sender), "to": str(message.to[0]),
                   "subject": message.subject, "text": message.text or " "}
-        return ({"Authorization": self._authorization, "Accept": "application/json",
-                 "Content-Type": "application/x-www-form-urlencoded"},
-                urllib.parse.urlencode(fields).encode("ascii"))
+        return Outgoing(self.path, {"Authorization": self._authorization,
+                                    "Accept": "application/json",
+                                    "Content-Type": "application/x-www-form-urlencoded"},
+                        urllib.parse.urlencode(fields).encode("ascii"))
+
+    def error_text(self, reply: Reply) -> str:
+        document = json_document(reply)
+        if isinstance(document, dict) and isinstance(document.get("message"), str):
+            return document["message"]
+        return super().error_text(reply)
 
     def receipt(self, reply: Reply) -> Receipt:
-        try:
-            document = json.loads(reply.body)
-            message_id = document["id"]
-            if not isinstance(message_id, str):
-                raise TypeError
-        except (ValueError, TypeError, KeyError):
+        document = json_document(reply)
+        message_id = document.get("id") if isinstance(document, dict) else None
+        if not isinstance(message_id, str):
             return Receipt(self.name, None, f"HTTP {reply.status} without a JSON id")
         return Receipt(self.name, message_id)
 
@@ -1294,15 +1439,23 @@ class SendGridProvider(HTTPProvider):
 
     name = "sendgrid"
     path = "/v3/mail/send"
-    base_url_field = "sg_base_url"
+    settings = (
+        Setting("SMSP_SG_API_KEY", "sg_api_key", _parse_text, "", "SendGrid API key",
+                secret=True, required=True),
+        Setting("SMSP_SG_BASE_URL", "sg_base_url", _parse_base_url,
+                _parse_base_url("https://api.sendgrid.com"),
+                "SendGrid API base (EU: https://api.eu.sendgrid.com)"),
+    )
 
     @classmethod
-    def from_config(cls, config: Config, *, watchdog: Watchdog, clock: Callable[[], float],
-                    stop: threading.Event) -> "SendGridProvider":
-        return cls(cls.client_for(config, watchdog=watchdog, clock=clock), config.sg_api_key)
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "SendGridProvider":
+        return cls(context.http_client(values["sg_base_url"]), values["sg_api_key"],
+                   context.redact)
 
-    def __init__(self, client: HTTPClient, api_key: str) -> None:
-        super().__init__(client)
+    def __init__(self, client: HTTPClient, api_key: str,
+                 redact: Callable[[str], str] = str) -> None:
+        super().__init__(client, redact)
         self._authorization = f"Bearer {api_key}"
 
     @staticmethod
@@ -1310,16 +1463,25 @@ class SendGridProvider(HTTPProvider):
         return {"email": address.email, "name": address.name} if address.name \
             else {"email": address.email}
 
-    def encode(self, message: Message) -> tuple[dict[str, str], bytes]:
+    def encode(self, message: Message) -> Outgoing:
         document = {  # SendGrid rejects an empty subject or content value: send one space
             "personalizations": [{"to": [self._party(message.to[0])]}],
             "from": self._party(message.sender),
             "subject": message.subject or " ",
             "content": [{"type": "text/plain", "value": message.text or " "}],
         }
-        return ({"Authorization": self._authorization, "Accept": "application/json",
-                 "Content-Type": "application/json"},
-                json.dumps(document, separators=(",", ":")).encode("utf-8"))
+        return Outgoing(self.path, {"Authorization": self._authorization,
+                                    "Accept": "application/json",
+                                    "Content-Type": "application/json"},
+                        json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+    def error_text(self, reply: Reply) -> str:
+        document = json_document(reply)
+        if isinstance(document, dict) and isinstance(document.get("errors"), list):
+            return "; ".join(f"{item.get('message', '')}"
+                             f"{' (' + str(item['field']) + ')' if item.get('field') else ''}"
+                             for item in document["errors"] if isinstance(item, dict))
+        return super().error_text(reply)
 
     def receipt(self, reply: Reply) -> Receipt:
         message_id = reply.headers.get("x-message-id")
@@ -1339,9 +1501,9 @@ class MockProvider(Provider):
     name = "mock"
 
     @classmethod
-    def from_config(cls, config: Config, *, watchdog: Watchdog, clock: Callable[[], float],
-                    stop: threading.Event) -> "MockProvider":
-        return cls(clock=clock, stop=stop)
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "MockProvider":
+        return cls(clock=context.clock, stop=context.stop)
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
                  stop: threading.Event | None = None, ids: Callable[[], str] | None = None
@@ -1353,25 +1515,57 @@ class MockProvider(Provider):
     def send(self, message: Message, deadline: float) -> Receipt:
         if message.subject == "timeout":
             self._stop.wait(max(0.0, deadline - self._clock()))
-            raise ProviderError(Outcome.UNKNOWN, "no complete answer: timed out", timed_out=True)
+            raise ProviderError(Outcome.UNKNOWN, "timed out after the request was sent",
+                                timed_out=True)
         if message.subject == "fail":
-            raise ProviderError(Outcome.NOT_SENT, "HTTP 500: mock provider failure")
+            raise ProviderError(Outcome.NOT_SENT, "HTTP 500", detail="mock provider failure")
         return Receipt(self.name, f"mock-{self._ids()}")
 
 
-PROVIDERS: dict[str, type[Provider]] = {
-    "mailgun": MailgunProvider, "sendgrid": SendGridProvider, "mock": MockProvider,
+PROVIDERS: Mapping[str, type[Provider]] = {
+    "mailgun": MailgunProvider, "sendgrid": SendGridProvider,
 }
 
 
-def build_providers(config: Config, *, watchdog: Watchdog, clock: Callable[[], float],
-                    stop: threading.Event) -> list[Provider]:
-    """The configured providers, in order; one SSLContext per provider, made now."""
-    providers: list[Provider] = []
-    for name in config.active_providers:
-        providers.append(PROVIDERS[name].from_config(config, watchdog=watchdog, clock=clock,
-                                                     stop=stop))
-    return providers
+def load_config(env: Mapping[str, str]) -> Config:
+    """Parse ``env`` with SETTINGS and every registered provider's rows; raise
+    ConfigError naming every problem at once.  Provider rows are checked only
+    for the providers in use (none in mock mode)."""
+    problems: list[str] = []
+    values = parse_settings(SETTINGS, env, problems)
+    problems += [f"{row.env} is required" for row in SETTINGS
+                 if row.required and not env.get(row.env, "").strip()]
+    in_use = () if values["mock"] else values["providers"]
+    if not values["mock"] and not env.get("SMSP_POLL_MESSAGE_ADDRESS", "").strip():
+        problems.append("SMSP_POLL_MESSAGE_ADDRESS is required")
+    problems += [f"SMSP_PROVIDERS names unknown provider {name!r}; known: "
+                 f"{', '.join(PROVIDERS)}" for name in in_use if name not in PROVIDERS]
+    provider_settings = {}
+    for name, cls in PROVIDERS.items():
+        if name not in in_use:  # an unused provider's rows are not read at all
+            provider_settings[name] = {row.field: row.default for row in cls.settings}
+            continue
+        own = provider_settings[name] = parse_settings(cls.settings, env, problems)
+        problems += [f"{row.env} is required for provider {name}" for row in cls.settings
+                     if row.required and not own[row.field]]
+    config = Config(**values, provider_settings=provider_settings)
+    problems += config.problems()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def all_settings() -> tuple[Setting, ...]:
+    """Every environment variable smsp reads: the core rows, then each provider's."""
+    return SETTINGS + tuple(row for cls in PROVIDERS.values() for row in cls.settings)
+
+
+def build_providers(config: Config, context: ProviderContext) -> list[Provider]:
+    """The configured providers, in order (the mock alone in mock mode)."""
+    if config.mock:
+        return [MockProvider.from_settings({}, context)]
+    return [PROVIDERS[name].from_settings(config.provider_settings[name], context)
+            for name in config.providers]
 
 
 # ---------------------------------------------------------- circuit breaker ---
@@ -1476,15 +1670,24 @@ class CircuitBreaker:
             self._last_error = reason
             if self._failures < self._threshold:
                 return
-            self._state = State.OPEN
-            self._generation += 1
-            self._opened_at = self._clock()
-            self._interval = self._base_interval
-            self._next_poll_at = self._opened_at + self._interval
+            change = self._transition(State.OPEN, reason)
             poll = (self._interval, self._generation)
-            change = StateChange(self.name, State.CLOSED, State.OPEN, reason)
         self._schedule(*poll)
         self._notify(change)
+
+    def _transition(self, new: State, reason: str) -> StateChange:
+        """The one place the state changes; called with the lock held."""
+        change = StateChange(self.name, self._state, new, reason)
+        self._state = new
+        self._generation += 1
+        self._failures = 0 if new is State.CLOSED else self._failures
+        self._interval = self._base_interval
+        if new is State.OPEN:
+            self._opened_at = self._clock()
+            self._next_poll_at = self._opened_at + self._interval
+        else:
+            self._opened_at = self._next_poll_at = None
+        return change
 
     def retry_after(self) -> float | None:
         """Seconds until the next poll of an open circuit; None when closed."""
@@ -1536,12 +1739,7 @@ class CircuitBreaker:
             if self._stopped or generation != self._generation:
                 return
             if error is None:
-                change = StateChange(self.name, State.OPEN, State.CLOSED, "poll succeeded")
-                self._state = State.CLOSED
-                self._generation += 1
-                self._failures = 0
-                self._interval = self._base_interval
-                self._opened_at = self._next_poll_at = None
+                change = self._transition(State.CLOSED, "poll succeeded")
             else:
                 self._last_error = error
                 self._interval = min(self._interval * 2, self._max_interval)
@@ -1559,9 +1757,12 @@ class CircuitBreaker:
             self._on_change(change)
 
 
-def make_probe(provider: Provider, poll: Message, timeout: float,
+def make_probe(provider: Provider, address: Address, timeout: float,
                clock: Callable[[], float] = time.monotonic) -> Callable[[], str | None]:
-    """A breaker probe that sends the poll message; a rejection still proves health."""
+    """A breaker probe that sends the provider's poll message, from and to ``address``,
+    built as a client's message is; a rejection still proves health."""
+    poll = provider.poll_message(address)
+
     def probe() -> str | None:
         try:
             provider.send(poll, clock() + timeout)
@@ -1574,21 +1775,53 @@ def make_probe(provider: Provider, poll: Message, timeout: float,
 # --------------------------------------------------------------- dispatcher ---
 
 
-class DeliveryFailed(SmspError):
-    """No provider accepted the message; carries the HTTP answer for the client."""
+class Failure(enum.Enum):
+    """Why no provider took a message: a stable code for answers, logs and alerts."""
 
-    def __init__(self, status: int, delivery: Delivery, message: str, *,
-                 provider: str | None = None, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.delivery = delivery
-        self.message = message
+    REJECTED = "provider_rejected"  # a provider refused the message itself
+    TIMED_OUT = "provider_timeout"  # written, then no answer in time: fate unknown
+    UNKNOWN = "provider_unknown"  # written, then a broken answer: fate unknown
+    FAILED = "provider_failed"  # every provider tried failed before taking it
+    ALL_CIRCUITS_OPEN = "all_circuits_open"
+    UNCARRIABLE = "no_provider_can_carry"  # every provider was skipped for this message
+    LEASE_LOST = "lease_lost"  # the Idempotency-Key claim expired before dispatch
+    STORE_FAILED = "idempotency_store_failed"  # the store failed before dispatch
+    HOLDER_LOST = "holder_lost"  # an earlier holder of the key died after dispatching
+
+
+class DeliveryFailed(SmspError):
+    """No provider accepted the message.  Domain-only: the Application decides the answer.
+
+    ``outcome`` is what happened to the message (REJECTED and NOT_SENT: not
+    sent; UNKNOWN: it may have been sent).  ``detail`` is the provider's own
+    text (for the authenticated client) or the skip reasons.
+    """
+
+    def __init__(self, failure: Failure, outcome: Outcome, *, provider: str | None = None,
+                 detail: str = "", timed_out: bool = False,
+                 retry_after: int | None = None) -> None:
+        super().__init__(failure.value)
+        self.failure = failure
+        self.outcome = outcome
         self.provider = provider
+        self.detail = detail
+        self.timed_out = timed_out
         self.retry_after = retry_after
 
 
+_ERROR_FAILURES = {Outcome.REJECTED: Failure.REJECTED, Outcome.NOT_SENT: Failure.FAILED}
+
+
+def failure_of(provider: str, error: ProviderError) -> DeliveryFailed:
+    """The delivery failure that a final provider error means."""
+    failure = _ERROR_FAILURES.get(error.outcome) or \
+        (Failure.TIMED_OUT if error.timed_out else Failure.UNKNOWN)
+    return DeliveryFailed(failure, error.outcome, provider=provider,
+                          detail=error.detail or error.reason, timed_out=error.timed_out)
+
+
 @dataclasses.dataclass(frozen=True)
-class Route:
+class Lane:
     """A provider and the breaker in front of it."""
 
     provider: Provider
@@ -1599,166 +1832,311 @@ class Dispatcher:
     """Sends a message through the first provider whose circuit is closed.
 
     Fails over only when the message certainly was not sent (Outcome.NOT_SENT);
-    a rejection (422) or an unknown fate (502/504 unknown) is final, so
-    nothing is sent twice by our doing.  Thread-safe; holds no lock itself.
+    a rejection or an unknown fate is final, so nothing is sent twice by our
+    doing.  A provider that cannot carry the message is skipped, with the
+    reason.  ``before_attempt(provider)`` runs before any provider may see the
+    message and returns False when the request lost the right to send.
+    Thread-safe; holds no lock itself.
     """
 
-    def __init__(self, routes: list[Route], *, timeout: float, log: Logger,
-                 metrics: "Metrics", clock: Callable[[], float] = time.monotonic) -> None:
-        self.routes = routes
+    def __init__(self, lanes: list[Lane], *, timeout: float, log: Logger, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.lanes = lanes
         self._timeout = timeout
         self._log = log
         self._metrics = metrics
         self._clock = clock
 
-    def send(self, message: Message, request_id: str | None = None) -> Receipt:
-        last: tuple[str, ProviderError] | None = None
-        for route in self.routes:
-            generation = route.breaker.acquire()
+    def send(self, message: Message, request_id: str | None = None, *,
+             before_attempt: Callable[[str], bool] | None = None,
+             only: str | None = None) -> Receipt:
+        failed: str | None = None
+        skipped: list[str] = []
+        for lane in self.lanes:
+            name = lane.provider.name
+            if only is not None and name != only:
+                continue
+            cannot = lane.provider.cannot_carry(message)
+            if cannot is not None:
+                skipped.append(f"{name}: {cannot}")
+                self._skipped(name, cannot, request_id)
+                continue
+            generation = lane.breaker.acquire()
             if generation is None:
                 continue
-            name = route.provider.name
-            started = self._clock()
-            try:
-                receipt = route.provider.send(message, started + self._timeout)
-            except ProviderError as exc:
-                error = exc
-            except Exception as exc:  # a bug may have sent it: treat the fate as unknown
-                error = ProviderError(Outcome.UNKNOWN, f"internal error {type(exc).__name__}")
-            else:
-                route.breaker.on_success(generation)
-                self._attempted(name, "sent", started, request_id, message)
-                if receipt.warning:
-                    self._log.warning("provider_reply_malformed", request_id=request_id,
-                                      provider=name, detail=receipt.warning)
-                return receipt
-            if error.trips_breaker:
-                route.breaker.on_failure(generation, error.reason)
-            else:
-                route.breaker.on_success(generation)
-            self._attempted(name, error.outcome.value, started, request_id, message, error.reason)
+            if before_attempt is not None and not before_attempt(name):
+                raise DeliveryFailed(Failure.LEASE_LOST, Outcome.NOT_SENT)
+            if failed is not None:
+                self._failover(failed, name, request_id)
+            error = self._attempt(lane, generation, message, request_id)
+            if isinstance(error, Receipt):
+                return error
             if error.outcome is not Outcome.NOT_SENT:
-                raise self._failed(name, error)
-            last = (name, error)
-        if last is None:
-            waits = [w for w in (r.breaker.retry_after() for r in self.routes) if w is not None]
-            raise DeliveryFailed(503, Delivery.NOT_SENT,
-                                 "no provider available: every circuit is open; retry later",
-                                 retry_after=max(1, math.ceil(min(waits, default=1.0))))
-        raise self._failed(*last)
+                raise failure_of(name, error)
+            failed, last = name, error
+        if failed is not None:
+            raise failure_of(failed, last)
+        raise self._nothing_tried(skipped)
 
-    def _attempted(self, name: str, outcome: str, started: float, request_id: str | None,
+    def _attempt(self, lane: Lane, generation: int, message: Message,
+                 request_id: str | None) -> Receipt | ProviderError:
+        name = lane.provider.name
+        started = self._clock()
+        try:
+            receipt = lane.provider.send(message, started + self._timeout)
+        except ProviderError as exc:
+            error = exc
+        except Exception as exc:  # a bug may have sent it: treat the fate as unknown
+            error = ProviderError(Outcome.UNKNOWN, f"internal error {type(exc).__name__}")
+        else:
+            lane.breaker.on_success(generation)
+            self._attempted(name, Outcome.SENT, started, request_id, message)
+            if receipt.warning:
+                self._log.warning("provider_reply_malformed", request_id=request_id,
+                                  provider=name, detail=receipt.warning)
+            return receipt
+        if error.trips_breaker:
+            lane.breaker.on_failure(generation, error.reason)
+        else:
+            lane.breaker.on_success(generation)
+        self._attempted(name, error.outcome, started, request_id, message, error.reason)
+        return error
+
+    def _nothing_tried(self, skipped: list[str]) -> DeliveryFailed:
+        carriers = [lane for lane in self.lanes if not any(
+            s.startswith(f"{lane.provider.name}: ") for s in skipped)]
+        if skipped and not carriers:
+            return DeliveryFailed(Failure.UNCARRIABLE, Outcome.REJECTED,
+                                  detail="; ".join(skipped))
+        waits = [w for w in (lane.breaker.retry_after() for lane in carriers) if w is not None]
+        return DeliveryFailed(Failure.ALL_CIRCUITS_OPEN, Outcome.NOT_SENT,
+                              retry_after=max(1, math.ceil(min(waits, default=1.0))))
+
+    def _attempted(self, name: str, outcome: Outcome, started: float, request_id: str | None,
                    message: Message, reason: str | None = None) -> None:
         elapsed = self._clock() - started
-        self._metrics.count_and_observe("smsp_provider_attempts_total", (name, outcome),
+        self._metrics.count_and_observe("smsp_provider_attempts_total", (name, outcome.value),
                                         "smsp_provider_attempt_duration_seconds", (name,),
                                         elapsed)
         if self._log.debug_enabled:
             self._log.debug("provider_attempt", request_id=request_id, provider=name,
-                            outcome=outcome, duration_ms=round(elapsed * 1000, 2),
+                            outcome=outcome.value, duration_ms=round(elapsed * 1000, 2),
                             reason=reason, fromaddress=message.sender.email,
-                            toaddress=message.to[0].email)
+                            toaddress=",".join(a.email for a in message.to))
 
-    def _failed(self, name: str, error: ProviderError) -> DeliveryFailed:
-        if error.outcome is Outcome.REJECTED:
-            return DeliveryFailed(422, Delivery.NOT_SENT,
-                                  f"{name} rejected the message: {error.detail}",
-                                  provider=name)
-        if error.outcome is Outcome.UNKNOWN and error.timed_out:
-            return DeliveryFailed(504, Delivery.UNKNOWN,
-                                  f"{name} did not answer within {self._timeout:g} s; the "
-                                  "message may have been sent, so it was not tried elsewhere",
-                                  provider=name)
-        if error.outcome is Outcome.UNKNOWN:
-            return DeliveryFailed(502, Delivery.UNKNOWN,
-                                  f"{name} failed after the request was sent ({error.reason}); "
-                                  "the message may have been sent", provider=name)
-        return DeliveryFailed(502, Delivery.NOT_SENT,
-                              f"{name} failed ({error.reason}) and no other provider could "
-                              "take the message", provider=name)
+    def _skipped(self, name: str, reason: str, request_id: str | None) -> None:
+        self._metrics.inc("smsp_provider_attempts_total", name, "skipped")
+        self._log.info("provider_skipped", request_id=request_id, provider=name, reason=reason)
+
+    def _failover(self, failed: str, name: str, request_id: str | None) -> None:
+        self._metrics.inc("smsp_failovers_total", failed, name)
+        self._log.warning("failover", request_id=request_id, **{"from": failed}, to=name)
 
 
 # -------------------------------------------------------------- idempotency ---
 
 
 class Claim(enum.Enum):
-    """What ``IdempotencyStore.claim`` found for a key."""
+    """What ``claim`` found for a key."""
 
-    NEW = "new"  # go ahead; call complete() or release() afterwards
-    REPLAY = "replay"  # a final response is stored: send it again, send no mail
-    IN_FLIGHT = "in_flight"  # the first request with this key is still running
-    MISMATCH = "mismatch"  # the key was used with a different body
+    NEW = "new"  # ours: mark dispatching() before sending, then complete() or release()
+    REPLAY = "replay"  # a final answer is stored: send it again, send no mail
+    IN_FLIGHT = "in_flight"  # claimed, or dispatching within its liveness deadline
+    MISMATCH = "mismatch"  # the key was used with a different request
+    HOLDER_LOST = "holder_lost"  # dispatching past its liveness deadline: the fate is unknown
 
 
-@dataclasses.dataclass(slots=True)
-class _Stored:
-    fingerprint: str
-    response: Any = None
-    expires: float = math.inf
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """A final answer kept for replay: plain data that survives a JSON round trip."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    provider: str | None = None
+    delivery: str | None = None  # a Delivery value, or "sent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "headers": [list(h) for h in self.headers],
+                "body": self.body.decode("utf-8"), "provider": self.provider,
+                "delivery": self.delivery}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> "StoredAnswer":
+        return cls(int(document["status"]),
+                   tuple((str(n), str(v)) for n, v in document["headers"]),
+                   str(document["body"]).encode("utf-8"), document.get("provider"),
+                   document.get("delivery"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """``claim``'s answer: ``token`` is ours when NEW, else the holder's;
+    ``provider`` is the provider the holder was trying (for HOLDER_LOST)."""
+
+    claim: Claim
+    token: str = ""
+    answer: StoredAnswer | None = None
+    provider: str | None = None
+
+
+class StoreError(SmspError):
+    """The idempotency store failed or did not answer in time; nothing was decided."""
 
 
 class IdempotencyStore:
-    """Final responses by (scope, Idempotency-Key), per process, bounded.
+    """Answers by key, so that a retried request is replayed instead of sent again.
 
-    At most ``max_entries`` keys are kept, least recently used evicted first
-    (never one still in flight); each completed entry lives ``ttl`` seconds.
-    Thread-safe; the lock guards only the dictionary.
+    ``key`` is a hex digest of the client's scope and its Idempotency-Key.
+    The life of a key: ``claim`` (a short lease; nothing has been sent), then
+    ``dispatching(provider)`` just before a provider may see the message
+    (the holder must be alive again by ``liveness`` seconds; pushed forward
+    before each failover), then ``complete`` with the answer, or ``release``
+    when nothing was sent.  Every call but ``claim`` is owner-checked with the
+    token ``claim`` returned.  ``takeover`` hands a HOLDER_LOST or stored key
+    to a new owner atomically.  Implementations raise StoreError when they
+    cannot answer; all are thread-safe.
     """
 
-    def __init__(self, *, ttl: float, max_entries: int,
+    def claim(self, key: str, fingerprint: str) -> ClaimResult:
+        raise NotImplementedError
+
+    def dispatching(self, key: str, token: str, provider: str) -> bool:
+        """Mark that a provider may now see the message; False if the lease was lost."""
+        raise NotImplementedError
+
+    def complete(self, key: str, token: str, answer: StoredAnswer) -> None:
+        raise NotImplementedError
+
+    def release(self, key: str, token: str) -> None:
+        """Forget a claim that ended with nothing sent, so a retry can send."""
+        raise NotImplementedError
+
+    def takeover(self, key: str, seen: str, provider: str) -> str | None:
+        """Own a key whose holder token is ``seen``, dispatching to ``provider``;
+        the new token, or None when someone else changed it first."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        """The store's last known state, for /healthcheck; never waits on the store."""
+        return {"kind": "memory", "state": "ok"}
+
+    def close(self) -> None:
+        """Release connections; called at shutdown."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    fingerprint: str
+    token: str
+    expires: float  # the record's end
+    live_until: float = math.inf  # while dispatching: the holder's liveness deadline
+    provider: str | None = None
+    dispatching: bool = False
+    answer: StoredAnswer | None = None
+
+
+class MemoryIdempotencyStore(IdempotencyStore):
+    """The per-process store: at most ``max_entries`` keys, least recently used
+    evicted first (never one in flight).  A claim lives ``lease`` seconds, a
+    dispatching mark ``liveness`` seconds, an answer ``ttl`` seconds.  The lock
+    guards only the dictionary."""
+
+    def __init__(self, *, ttl: float, max_entries: int, lease: float, liveness: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl
         self._max = max_entries
+        self._lease = lease
+        self._liveness = liveness
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[tuple[Any, str], _Stored] = \
-            collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def claim(self, key: tuple[Any, str], fingerprint: str) -> tuple[Claim, Any]:
+    def claim(self, key: str, fingerprint: str) -> ClaimResult:
+        now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.expires <= self._clock():
+            if entry is not None and entry.expires <= now:
                 del self._entries[key]
                 entry = None
             if entry is None:
-                self._entries[key] = _Stored(fingerprint)
+                token = os.urandom(16).hex()
+                self._entries[key] = _Entry(fingerprint, token, now + self._lease)
                 self._evict()
-                return Claim.NEW, None
+                return ClaimResult(Claim.NEW, token)
             self._entries.move_to_end(key)
-            if entry.fingerprint != fingerprint:
-                return Claim.MISMATCH, None
-            if entry.response is None:
-                return Claim.IN_FLIGHT, None
-            return Claim.REPLAY, entry.response
+            return ClaimResult(_found(entry, fingerprint, now), entry.token, entry.answer,
+                               entry.provider)
 
-    def complete(self, key: tuple[Any, str], response: Any) -> None:
+    def dispatching(self, key: str, token: str, provider: str) -> bool:
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._owned(key, token)
+            if entry is None or entry.answer is not None:
+                return False
+            self._dispatch(entry, provider)
+            return True
+
+    def complete(self, key: str, token: str, answer: StoredAnswer) -> None:
+        with self._lock:
+            entry = self._owned(key, token)
             if entry is not None:
-                entry.response = response
+                entry.answer = answer
+                entry.dispatching = False
                 entry.expires = self._clock() + self._ttl
 
-    def release(self, key: tuple[Any, str]) -> None:
-        """Forget an in-flight key whose request ended with nothing worth replaying."""
+    def release(self, key: str, token: str) -> None:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.response is None:
+            entry = self._owned(key, token)
+            if entry is not None and entry.answer is None:
                 del self._entries[key]
+
+    def takeover(self, key: str, seen: str, provider: str) -> str | None:
+        with self._lock:
+            entry = self._owned(key, seen)
+            if entry is None:
+                return None
+            entry.token = os.urandom(16).hex()
+            entry.answer = None
+            self._dispatch(entry, provider)
+            return entry.token
+
+    def _dispatch(self, entry: _Entry, provider: str) -> None:
+        now = self._clock()
+        entry.dispatching = True
+        entry.provider = provider
+        entry.expires = now + self._ttl
+        entry.live_until = now + self._liveness
+
+    def _owned(self, key: str, token: str) -> _Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.token == token else None
 
     def _evict(self) -> None:
         while len(self._entries) > self._max:
-            victim = next((k for k, e in self._entries.items() if e.response is not None), None)
+            victim = next((k for k, e in self._entries.items() if e.answer is not None), None)
             if victim is None:
                 return  # every entry is in flight; they are bounded by the connection limit
             del self._entries[victim]
 
 
+def _found(entry: _Entry, fingerprint: str, now: float) -> Claim:
+    """What a claim finds in an existing record (shared by every store)."""
+    if entry.fingerprint != fingerprint:
+        return Claim.MISMATCH
+    if entry.answer is not None:
+        return Claim.REPLAY
+    if entry.dispatching and entry.live_until <= now:
+        return Claim.HOLDER_LOST
+    return Claim.IN_FLIGHT
+
+
 # --------------------------------------- HTTP messages: parsing and writing ---
 
 _PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+CORS_EXPOSE_HEADERS = "X-Request-Id, Retry-After, Idempotent-Replayed"
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _UNIQUE_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "host",
                              "x-api-key", "idempotency-key"})
@@ -1871,7 +2249,8 @@ class Request:
 
 @dataclasses.dataclass(slots=True)
 class Response:
-    """An answer: ``provider`` and ``delivery`` feed the access line."""
+    """An answer: ``provider``, ``delivery``, ``reason`` (a stable code for a
+    4xx or 5xx) and ``replayed`` feed the access line."""
 
     status: int
     body: bytes = b""
@@ -1879,7 +2258,9 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False
     provider: str | None = None
-    delivery: str | None = None
+    delivery: Delivery | None = None
+    reason: str | None = None
+    replayed: bool = False
 
 
 def json_response(status: int, document: Any, **fields: Any) -> Response:
@@ -1888,27 +2269,90 @@ def json_response(status: int, document: Any, **fields: Any) -> Response:
 
 def error_response(status: int, message: str, request_id: str, *,
                    delivery: Delivery | None = None, **fields: Any) -> Response:
+    """The JSON error answer every refusal uses: message, request id, and delivery."""
     document = {"message": message, "request_id": request_id}
     if delivery is not None:
         document["delivery"] = delivery.value
-    return json_response(status, document,
-                         delivery=None if delivery is None else delivery.value, **fields)
+    return json_response(status, document, delivery=delivery, **fields)
+
+
+def response_head(response: Response, request_id: str, date: str, *, keep_alive: bool,
+                  http10: bool = False) -> bytes:
+    """The status line and headers of an answer, ready for one send with its body."""
+    parts = [f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, 'Unknown')}\r\n"
+             f"Server: {SERVER_NAME}\r\nDate: {date}\r\n"
+             f"X-Request-Id: {request_id}\r\nAccess-Control-Allow-Origin: *\r\n"
+             f"Access-Control-Expose-Headers: {CORS_EXPOSE_HEADERS}\r\n"]
+    if response.content_type is not None:
+        parts.append(f"Content-Type: {response.content_type}\r\n"
+                     f"Content-Length: {len(response.body)}\r\n")
+    parts.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+    if not keep_alive:
+        parts.append("Connection: close\r\n")
+    elif http10:
+        parts.append("Connection: keep-alive\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 # --------------------------------------------------------- HTTP application ---
 
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/email": ("POST",),
-    "/healthcheck": ("GET", "HEAD"),
-    "/swagger.json": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
-}
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One path of the API: the methods it takes and the Application method that answers."""
+
+    path: str
+    methods: tuple[str, ...]
+    handler: str
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("/email", ("POST",), "email"),
+    Endpoint("/healthcheck", ("GET", "HEAD"), "health"),
+    Endpoint("/swagger.json", ("GET", "HEAD"), "swagger"),
+    Endpoint("/metrics", ("GET", "HEAD"), "metrics_page"),
+)
+_ENDPOINT_AT = {endpoint.path: endpoint for endpoint in ENDPOINTS}
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CORS_ALLOW_HEADERS = "Content-Type, X-API-KEY, X-Request-Id, Idempotency-Key"
+CORS_ALLOW_HEADERS = "Content-Type, X-API-KEY, X-Request-Id, Idempotency-Key, traceparent"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 _IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
-DEFAULT_POLL_ADDRESS = "poll@example.com"  # mock mode only: the mock ignores addresses
+DEFAULT_POLL_ADDRESS = Address("poll@example.com")  # mock mode only: the mock ignores it
+STORED_STATUSES = frozenset({200, 422, 502, 504})  # final answers an Idempotency-Key replays
+
+_FAILURE_ANSWERS: Mapping[Failure, tuple[int, Delivery, str]] = {
+    Failure.REJECTED: (422, Delivery.NOT_SENT, "{provider} rejected the message: {detail}"),
+    Failure.TIMED_OUT: (504, Delivery.UNKNOWN, "{provider} did not answer within {timeout:g} s; "
+                        "the message may have been sent, so it was not tried elsewhere"),
+    Failure.UNKNOWN: (502, Delivery.UNKNOWN, "{provider} failed after the request was sent "
+                      "({detail}); the message may have been sent"),
+    Failure.FAILED: (502, Delivery.NOT_SENT, "{provider} failed ({detail}) and no other "
+                     "provider could take the message"),
+    Failure.ALL_CIRCUITS_OPEN: (503, Delivery.NOT_SENT, "no provider available: every circuit "
+                                "is open; retry later"),
+    Failure.UNCARRIABLE: (422, Delivery.NOT_SENT, "no provider can carry this message: "
+                          "{detail}"),
+    Failure.LEASE_LOST: (409, Delivery.NOT_SENT, "another request took this Idempotency-Key "
+                         "before the message was sent; nothing was sent, retry later"),
+    Failure.STORE_FAILED: (503, Delivery.NOT_SENT, "the idempotency store did not answer; "
+                           "nothing was sent, retry later"),
+    Failure.HOLDER_LOST: (502, Delivery.UNKNOWN, "the request that held this Idempotency-Key "
+                          "stopped after {provider} may have been given the message; it is "
+                          "not sent again"),
+}
+
+
+def failure_response(failure: DeliveryFailed, request_id: str, timeout: float) -> Response:
+    """The client's answer to a failed delivery: the one place that picks its status."""
+    status, delivery, text = _FAILURE_ANSWERS[failure.failure]
+    retry_after = failure.retry_after
+    if retry_after is None and status in (409, 503):
+        retry_after = 1
+    headers = () if retry_after is None else (("Retry-After", str(retry_after)),)
+    message = text.format(provider=failure.provider, detail=failure.detail, timeout=timeout)
+    return error_response(status, message, request_id, delivery=delivery, headers=headers,
+                          provider=failure.provider, reason=failure.failure.value)
 
 
 def _is_json_type(value: str) -> bool:
@@ -1925,6 +2369,25 @@ def _is_json_type(value: str) -> bool:
     return True
 
 
+def fingerprint(document: Mapping[str, Any]) -> str:
+    """The digest an Idempotency-Key is bound to: the canonical JSON of the body."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def stored_answer(response: Response) -> StoredAnswer:
+    return StoredAnswer(response.status, response.headers, response.body, response.provider,
+                        None if response.delivery is None else response.delivery.value)
+
+
+def replayed(answer: StoredAnswer) -> Response:
+    return Response(answer.status, answer.body,
+                    headers=answer.headers + (("Idempotent-Replayed", "true"),),
+                    provider=answer.provider,
+                    delivery=None if answer.delivery is None else Delivery(answer.delivery),
+                    replayed=True)
+
+
 class Application:
     """Decides every answer: routing, auth, checks, sending, health, metrics, docs.
 
@@ -1938,164 +2401,251 @@ class Application:
                  idempotency: IdempotencyStore, metrics: Metrics, log: Logger) -> None:
         self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in config.api_keys)
         self._max_body = config.max_body_bytes
+        self._timeout = config.timeout
         self.dispatcher = dispatcher
         self.idempotency = idempotency
         self.metrics = metrics
         self.inflight: Callable[[], int] = lambda: 0  # the server sets this
         self._log = log
         self._swagger = json.dumps(openapi_document(config), indent=2).encode()
-        self._handlers: dict[str, Callable[[Request], Response]] = {
-            "/email": self.email, "/healthcheck": self.health,
-            "/swagger.json": self.swagger, "/metrics": self.metrics_page,
-        }
 
     def handle(self, request: Request) -> Response:
-        allowed = ROUTES.get(request.path)
+        endpoint = _ENDPOINT_AT.get(request.path)
+        allowed = endpoint.methods if endpoint is not None else ("GET", "HEAD", "POST")
         if request.method == "OPTIONS":
-            methods = ", ".join((allowed or ("GET", "HEAD", "POST")) + ("OPTIONS",))
+            methods = ", ".join(allowed + ("OPTIONS",))
             return Response(204, content_type=None, headers=(
                 ("Allow", methods), ("Access-Control-Allow-Methods", methods),
                 ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
                 ("Access-Control-Max-Age", "600")))
-        if allowed is None:
+        if endpoint is None:
             return error_response(404, "no such path; the API is described at /swagger.json",
-                                  request.request_id)
+                                  request.request_id, reason="no_such_path")
         if request.method not in allowed:
             methods = ", ".join(allowed + ("OPTIONS",))
             return error_response(405, f"method not allowed; use {methods}",
-                                  request.request_id, headers=(("Allow", methods),))
-        return self._handlers[request.path](request)
+                                  request.request_id, headers=(("Allow", methods),),
+                                  reason="method_not_allowed")
+        answer: Callable[[Request], Response] = getattr(self, endpoint.handler)
+        return answer(request)
 
     def finished(self, method: str, path: str, response: Response, seconds: float,
                  request_id: str) -> None:
         """Account for an answered request: metrics and the access line."""
-        route = path if path in ROUTES else "other"
+        route = path if path in _ENDPOINT_AT else "other"
         self.metrics.count_and_observe(
             "smsp_http_requests_total", (method if method in METHODS else "other", route,
                                          str(response.status)),
             "smsp_http_request_duration_seconds", (route,), seconds)
+        delivery = response.delivery
         self._log.info("access", request_id=request_id, method=method[:16], path=path[:200],
                        status=response.status, duration_ms=round(seconds * 1000, 3),
-                       provider=response.provider, delivery=response.delivery)
+                       provider=response.provider,
+                       delivery=None if delivery is None else delivery.value,
+                       reason=response.reason, replayed=response.replayed or None)
 
     # -- POST /email
 
-    def _authenticate(self, presented: str | None) -> int | None:
-        """The index of the matching API key, compared in constant time."""
+    def _authenticate(self, presented: str | None) -> bytes | None:
+        """The digest of the presented key when it is one of ours (constant time)."""
         if presented is None:
             return None
         digest = hashlib.sha256(presented.encode("latin-1")).digest()
-        found = None
-        for index, key in enumerate(self._key_digests):  # no early exit
-            if hmac.compare_digest(digest, key):
-                found = index
-        return found
+        found = False
+        for key in self._key_digests:  # no early exit
+            found |= hmac.compare_digest(digest, key)
+        return digest if found else None
+
+    def _refusal(self, headers: Mapping[str, str], rid: str) -> Response | None:
+        """The answer to a request whose headers already say no, before its body is read."""
+        if "content-length" not in headers or "transfer-encoding" in headers:
+            return error_response(411, "Content-Length required (chunked bodies are not "
+                                       "accepted)", rid, reason="length_required")
+        length = headers["content-length"]
+        if not (length.isascii() and length.isdigit()):
+            return error_response(400, "Content-Length must be a decimal number", rid,
+                                  reason="bad_length")
+        if len(length) > 20 or int(length) > self._max_body:
+            return error_response(413, f"body larger than {self._max_body} bytes", rid,
+                                  reason="body_too_large")
+        content_type = headers.get("content-type")
+        if content_type is not None and not _is_json_type(content_type):
+            return error_response(415, "Content-Type must be application/json (with curl, add "
+                                       "-H 'Content-Type: application/json')", rid,
+                                  reason="unsupported_media_type")
+        key = headers.get("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY_RE.match(key):
+            return error_response(400, "Idempotency-Key must be 1-255 visible ASCII characters",
+                                  rid, reason="bad_idempotency_key")
+        return None
 
     def email(self, request: Request) -> Response:
         rid = request.request_id
         headers = request.headers
         scope = self._authenticate(headers.get("x-api-key"))
         if scope is None:
-            return error_response(401, "Unauthorised", rid)
-        if "content-length" not in headers or "transfer-encoding" in headers:
-            return error_response(411, "Content-Length required (chunked bodies are not "
-                                       "accepted)", rid)
-        length = headers["content-length"]
-        if not (length.isascii() and length.isdigit()):
-            return error_response(400, "Content-Length must be a decimal number", rid)
-        if int(length) > self._max_body:
-            return error_response(413, f"body larger than {self._max_body} bytes", rid)
-        content_type = headers.get("content-type")
-        if content_type is not None and not _is_json_type(content_type):
-            return error_response(415, "Content-Type must be application/json (with curl, add "
-                                       "-H 'Content-Type: application/json')", rid)
-        key = headers.get("idempotency-key")
-        if key is not None and not _IDEMPOTENCY_KEY_RE.match(key):
-            return error_response(400, "Idempotency-Key must be 1-255 visible ASCII characters",
-                                  rid)
-        raw = request.read_body(int(length))
+            return error_response(401, "Unauthorised", rid, reason="bad_key")
+        refusal = self._refusal(headers, rid)
+        if refusal is not None:
+            return refusal
+        raw = request.read_body(int(headers["content-length"]))
         try:
             document = parse_json_object(raw)
             message = parse_message(document)
         except ValidationError as exc:
-            return error_response(400, str(exc), rid)
+            return error_response(400, str(exc), rid, reason="invalid_field")
+        key = headers.get("idempotency-key")
         if key is None:
-            return self._send(message, rid)
-        return self._send_once((scope, key), document, message, rid)
+            return self._deliver(message, rid)
+        digest = hashlib.sha256(scope + b"\0" + key.encode("ascii")).hexdigest()
+        return self._deliver_once(digest, fingerprint(document), message, rid)
 
-    def _send_once(self, key: tuple[int, str], document: Mapping[str, Any], message: Message,
-                   rid: str) -> Response:
-        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        claim, stored = self.idempotency.claim(key, hashlib.sha256(canonical.encode()).hexdigest())
-        if claim is Claim.REPLAY:
-            return dataclasses.replace(stored, headers=stored.headers +
-                                       (("Idempotent-Replayed", "true"),))
-        if claim is Claim.IN_FLIGHT:
-            return error_response(409, "a request with this Idempotency-Key is still in "
-                                       "progress; retry later", rid)
-        if claim is Claim.MISMATCH:
+    def _deliver_once(self, key: str, print_: str, message: Message, rid: str) -> Response:
+        try:
+            found = self.idempotency.claim(key, print_)
+        except StoreError:
+            return failure_response(DeliveryFailed(Failure.STORE_FAILED, Outcome.NOT_SENT),
+                                    rid, self._timeout)
+        if found.claim is Claim.NEW:
+            return self._deliver_claimed(key, found.token, message, rid)
+        if found.claim is Claim.REPLAY and found.answer is not None:
+            return replayed(found.answer)
+        if found.claim is Claim.MISMATCH:
             return error_response(422, "this Idempotency-Key was already used with a different "
-                                       "request body", rid, delivery=Delivery.NOT_SENT)
+                                       "request body", rid, delivery=Delivery.NOT_SENT,
+                                  reason="idempotency_key_reused")
+        if found.claim is Claim.HOLDER_LOST:
+            return failure_response(DeliveryFailed(Failure.HOLDER_LOST, Outcome.UNKNOWN,
+                                                   provider=found.provider), rid, self._timeout)
+        return error_response(409, "a request with this Idempotency-Key is still in progress; "
+                                   "retry later", rid, delivery=Delivery.NOT_SENT,
+                              headers=(("Retry-After", "1"),), reason="idempotency_key_in_flight")
+
+    def _deliver_claimed(self, key: str, token: str, message: Message, rid: str) -> Response:
+        store = self.idempotency
         response = None
         try:
-            response = self._send(message, rid)
+            response = self._deliver(message, rid, lambda name: store.dispatching(key, token,
+                                                                                  name))
         finally:
-            if response is None or response.status == 503:
-                self.idempotency.release(key)  # nothing was attempted: come back later
-            else:
-                self.idempotency.complete(key, response)
+            try:
+                if response is not None and response.status in STORED_STATUSES:
+                    store.complete(key, token, stored_answer(response))
+                else:
+                    store.release(key, token)  # nothing was sent: a retry may send
+            except StoreError:
+                self._log.error("idempotency_store_failed", request_id=rid, phase="settle")
         return response
 
-    def _send(self, message: Message, rid: str) -> Response:
+    def _deliver(self, message: Message, rid: str,
+                 before_attempt: Callable[[str], bool] | None = None) -> Response:
         try:
-            receipt = self.dispatcher.send(message, rid)
+            receipt = self.dispatcher.send(message, rid, before_attempt=before_attempt)
         except DeliveryFailed as failure:
-            headers = () if failure.retry_after is None else \
-                (("Retry-After", str(failure.retry_after)),)
-            return error_response(failure.status, failure.message, rid, delivery=failure.delivery,
-                                  headers=headers, provider=failure.provider)
+            return failure_response(failure, rid, self._timeout)
+        except StoreError:
+            return failure_response(DeliveryFailed(Failure.STORE_FAILED, Outcome.NOT_SENT),
+                                    rid, self._timeout)
         message_id = "null" if receipt.message_id is None else _json_text(receipt.message_id)
         body = (f'{{"status":"sent","provider":{_json_text(receipt.provider)},'
                 f'"message_id":{message_id}}}')
-        return Response(200, body.encode(), provider=receipt.provider, delivery="sent")
+        return Response(200, body.encode(), provider=receipt.provider, delivery=Delivery.SENT)
 
     # -- the other routes
 
     def health(self, request: Request) -> Response:
         return json_response(200, {
             "status": "ok", "version": VERSION,
-            "providers": [route.breaker.snapshot() for route in self.dispatcher.routes]})
+            "providers": [lane.breaker.snapshot() for lane in self.dispatcher.lanes],
+            "idempotency": self.idempotency.status()})
 
     def swagger(self, request: Request) -> Response:
         return Response(200, self._swagger)
 
     def metrics_page(self, request: Request) -> Response:
-        routes = self.dispatcher.routes
+        lanes = self.dispatcher.lanes
         text = self.metrics.render({
-            "smsp_circuit_open": [((r.provider.name,), int(r.breaker.state is State.OPEN))
-                                  for r in routes],
+            "smsp_circuit_open": [((lane.provider.name,), int(lane.breaker.state is State.OPEN))
+                                  for lane in lanes],
             "smsp_inflight_requests": [((), self.inflight())],
         })
         return Response(200, text.encode(), content_type=METRICS_TYPE)
 
 
+def _answer(description: str, schema: str | None = "Error",
+            headers: tuple[str, ...] = ()) -> dict[str, Any]:
+    result: dict[str, Any] = {"description": description, "headers": {
+        name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-Id",) + headers}}
+    if schema is not None:
+        result["content"] = {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    return result
+
+
+def _operations(config: Config) -> dict[str, dict[str, Any]]:
+    """The OpenAPI operation of each Application handler (its GET or POST)."""
+    answer = _answer
+    text_plain = {"text/plain": {"schema": {"type": "string"}}}
+    return {
+        "email": {
+            "summary": "Send one email",
+            "operationId": "sendEmail",
+            "security": [{"apiKey": []}],
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                            "description": "replays the first final answer for 24 h"}],
+            "requestBody": {"required": True, "content": {JSON_TYPE: {
+                "schema": {"$ref": "#/components/schemas/Email"}}}},
+            "responses": {
+                "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
+                "400": answer("invalid request: the message says which field and why"),
+                "401": answer("missing or wrong X-API-KEY"),
+                "408": answer("the request did not arrive within the client timeout"),
+                "409": answer("the first request with this Idempotency-Key is in progress; "
+                              "nothing was sent", "DeliveryError", ("Retry-After",)),
+                "411": answer("Content-Length required"),
+                "413": answer(f"body larger than {config.max_body_bytes} bytes"),
+                "415": answer("Content-Type is not application/json"),
+                "422": answer("a provider rejected the message, no provider can carry it, or "
+                              "the Idempotency-Key was used with another body; not sent",
+                              "DeliveryError", ("Idempotent-Replayed",)),
+                "502": answer("the provider failed; see delivery", "DeliveryError",
+                              ("Idempotent-Replayed",)),
+                "503": answer("every circuit is open (Retry-After says until when), the "
+                              "idempotency store is down, or the server is overloaded or "
+                              "shutting down; not sent", "DeliveryError", ("Retry-After",)),
+                "504": answer("the provider did not answer in time; delivery unknown",
+                              "DeliveryError", ("Idempotent-Replayed",)),
+            }},
+        "health": {"summary": "Liveness, circuit states and the idempotency store",
+                   "operationId": "health",
+                   "responses": {"200": answer("serving", "Health")}},
+        "swagger": {"summary": "This document", "operationId": "openapi",
+                    "responses": {"200": {"description": "OpenAPI document", "content": {
+                        JSON_TYPE: {"schema": {"type": "object"}}}}}},
+        "metrics_page": {"summary": "Prometheus metrics", "operationId": "metrics",
+                         "responses": {"200": {"description": "text exposition format 0.0.4",
+                                               "content": text_plain}}},
+    }
+
+
+def _openapi_paths(operations: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI ``paths`` from ENDPOINTS; a HEAD is its GET without a body."""
+    paths: dict[str, Any] = {}
+    for endpoint in ENDPOINTS:
+        operation = operations[endpoint.handler]
+        item = paths[endpoint.path] = {}
+        for method in endpoint.methods:
+            if method != "HEAD":
+                item[method.lower()] = operation
+                continue
+            item["head"] = {"summary": f"{operation['summary']}: headers only",
+                            "operationId": f"{operation['operationId']}Head",
+                            "responses": {"200": {"description": "headers only"}}}
+    return paths
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3 description of every route; it states exactly what is accepted."""
-    def answer(description: str, schema: str | None = "Error",
-               headers: tuple[str, ...] = ()) -> dict[str, Any]:
-        result: dict[str, Any] = {"description": description, "headers": {
-            name: {"$ref": f"#/components/headers/{name}"} for name in ("X-Request-Id",) + headers}}
-        if schema is not None:
-            result["content"] = {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
-        return result
-
-    no_control = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
-    address = {"type": "string", "minLength": 1, "maxLength": MAX_ADDRESS_FIELD,
-               "pattern": ADDRESS_PATTERN,
-               "description": f"user@domain or Name <user@domain>; the address itself at most "
-                              f"{MAX_ADDRESS} characters, its local part at most "
-                              f"{MAX_LOCAL_PART}", "example": "someone@example.com"}
-    text_plain = {"text/plain": {"schema": {"type": "string"}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "smsp: send-mail service proxy", "version": VERSION,
@@ -2105,54 +2655,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 "unknown (do not retry blindly: use Idempotency-Key). Any route "
                                 "may also answer a malformed HTTP request with 400, 414, 431 or "
                                 "505, as http.server does."},
-        "paths": {
-            "/email": {"post": {
-                "summary": "Send one email",
-                "operationId": "sendEmail",
-                "security": [{"apiKey": []}],
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-                                "description": "replays the first final answer for 24 h"}],
-                "requestBody": {"required": True, "content": {JSON_TYPE: {
-                    "schema": {"$ref": "#/components/schemas/Email"}}}},
-                "responses": {
-                    "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
-                    "400": answer("invalid request: the message says which field and why"),
-                    "401": answer("missing or wrong X-API-KEY"),
-                    "408": answer("the request did not arrive within the client timeout"),
-                    "409": answer("the first request with this Idempotency-Key is in progress"),
-                    "411": answer("Content-Length required"),
-                    "413": answer(f"body larger than {config.max_body_bytes} bytes"),
-                    "415": answer("Content-Type is not application/json"),
-                    "422": answer("a provider rejected the message, or the Idempotency-Key was "
-                                  "used with another body; not sent", "DeliveryError",
-                                  ("Idempotent-Replayed",)),
-                    "502": answer("the provider failed; see delivery", "DeliveryError",
-                                  ("Idempotent-Replayed",)),
-                    "503": answer("every circuit is open (Retry-After says until when), or the "
-                                  "server is overloaded or shutting down; not sent",
-                                  "DeliveryError", ("Retry-After",)),
-                    "504": answer("the provider did not answer in time; delivery unknown",
-                                  "DeliveryError", ("Idempotent-Replayed",)),
-                }}},
-            "/healthcheck": {
-                "get": {"summary": "Liveness and circuit states", "operationId": "health",
-                        "responses": {"200": answer("serving", "Health")}},
-                "head": {"summary": "Liveness", "operationId": "healthHead",
-                         "responses": {"200": answer("serving", None)}}},
-            "/swagger.json": {
-                "get": {"summary": "This document", "operationId": "openapi",
-                        "responses": {"200": {"description": "OpenAPI document", "content": {
-                            JSON_TYPE: {"schema": {"type": "object"}}}}}},
-                "head": {"summary": "This document's headers", "operationId": "openapiHead",
-                         "responses": {"200": {"description": "OpenAPI document headers"}}}},
-            "/metrics": {
-                "get": {"summary": "Prometheus metrics", "operationId": "metrics",
-                        "responses": {"200": {"description": "text exposition format 0.0.4",
-                                              "content": text_plain}}},
-                "head": {"summary": "Prometheus metrics headers", "operationId": "metricsHead",
-                         "responses": {"200": {"description": "metrics headers"}}}},
-        },
+        "paths": _openapi_paths(_operations(config)),
         "components": {
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},
             "headers": {
@@ -2163,13 +2666,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
             },
             "schemas": {
-                "Email": {"type": "object", "required": ["fromaddress", "toaddress"],
-                          "properties": {
-                              "fromaddress": address, "toaddress": address,
-                              "subject": {"type": "string", "maxLength": MAX_SUBJECT,
-                                          "pattern": no_control, "default": ""},
-                              "plaintextbody": {"type": "string", "pattern": r"^[^\x00]*$",
-                                                "default": ""}}},
+                "Email": message_schema(),
                 "Sent": {"type": "object", "required": ["status", "provider", "message_id"],
                          "properties": {"status": {"type": "string", "enum": ["sent"]},
                                         "provider": {"type": "string"},
@@ -2198,7 +2695,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                           "nullable": True},
                             "next_poll_at": {"type": "string", "format": "date-time",
                                              "nullable": True},
-                            "last_error": {"type": "string", "nullable": True}}}}}},
+                            "last_error": {"type": "string", "nullable": True}}}},
+                    "idempotency": {"type": "object", "required": ["kind", "state"],
+                                    "properties": {"kind": {"type": "string"},
+                                                   "state": {"type": "string"}}}}},
             },
         },
     }
@@ -2348,20 +2848,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 head_only: bool = False, http10: bool = False) -> None:
         """Write the whole response in one send, then account for it."""
         server = self.server
-        parts = [f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, 'Unknown')}\r\n"
-                 f"Server: {SERVER_NAME}\r\nDate: {server.date()}\r\n"
-                 f"X-Request-Id: {rid}\r\nAccess-Control-Allow-Origin: *\r\n"]
-        if response.content_type is not None:
-            parts.append(f"Content-Type: {response.content_type}\r\n"
-                         f"Content-Length: {len(response.body)}\r\n")
-        parts.extend(f"{name}: {value}\r\n" for name, value in response.headers)
-        if not keep_alive:
-            parts.append("Connection: close\r\n")
-        elif http10:
-            parts.append("Connection: keep-alive\r\n")
-        parts.append("\r\n")
         self.close_connection = not keep_alive
-        data = "".join(parts).encode("latin-1")
+        data = response_head(response, rid, server.date(), keep_alive=keep_alive, http10=http10)
         try:
             self.wfile.write(data if head_only else data + response.body)
         except OSError:
@@ -2515,14 +3003,12 @@ class Server(http.server.ThreadingHTTPServer):
     def _refuse(self, request: socket.socket) -> None:
         rid = self.ids()
         if self.ssl_context is None:  # no TLS handshake in the accept loop: just close
-            body = json.dumps({"message": "overloaded", "request_id": rid,
-                               "delivery": Delivery.NOT_SENT.value}).encode()
-            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON_TYPE}\r\n"
-                    f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nX-Request-Id: {rid}\r\n"
-                    "Connection: close\r\n\r\n").encode()
+            response = error_response(503, "overloaded", rid, delivery=Delivery.NOT_SENT,
+                                      headers=(("Retry-After", "1"),))
+            head = response_head(response, rid, self.date(), keep_alive=False)
             try:
                 request.setblocking(False)
-                request.send(head + body)
+                request.send(head + response.body)
             except OSError:
                 pass
         self.shutdown_request(request)
@@ -2603,15 +3089,50 @@ class Service:
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
-        return {route.provider.name: route.breaker for route in self.dispatcher.routes}
+        return {lane.provider.name: lane.breaker for lane in self.dispatcher.lanes}
 
     def close(self) -> None:
-        """Cancel the poll timers, wake mock timeouts, drop provider connections."""
+        """Cancel the poll timers, wake mock timeouts, drop provider and store connections."""
         self.stop_event.set()
-        for route in self.dispatcher.routes:
-            route.breaker.stop()
-            route.provider.close()
+        for lane in self.dispatcher.lanes:
+            lane.breaker.stop()
+            lane.provider.close()
+        self.app.idempotency.close()
         self.watchdog.stop()
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value configured: client keys and the providers' secret rows."""
+    secrets = list(config.api_keys)
+    for name, cls in PROVIDERS.items():
+        values = config.provider_settings.get(name, {})
+        secrets += [values[row.field] for row in cls.settings if row.secret and values.get(
+            row.field)]
+    return secrets
+
+
+def _lanes(config: Config, context: ProviderContext, *, log: Logger, metrics: Metrics,
+           clock: Callable[[], float], timer: Callable[[float, Callable[[], None]], Any]
+           ) -> list[Lane]:
+    def on_change(change: StateChange) -> None:
+        metrics.inc("smsp_circuit_transitions_total", change.breaker, change.new.value)
+        log.log(Level.WARNING if change.new is State.OPEN else Level.INFO, "circuit_state_change",
+                provider=change.breaker, **{"from": change.old.value}, to=change.new.value,
+                reason=change.reason)
+
+    def on_poll(name: str, ok: bool) -> None:
+        metrics.inc("smsp_circuit_polls_total", name, "success" if ok else "failure")
+
+    address = config.poll_address or DEFAULT_POLL_ADDRESS
+    lanes = []
+    for provider in build_providers(config, context):
+        breaker = CircuitBreaker(provider.name, make_probe(provider, address, config.timeout),
+                                 threshold=config.failure_threshold,
+                                 interval=config.poll_interval,
+                                 interval_max=config.poll_interval_max, clock=clock, timer=timer,
+                                 on_change=on_change, on_poll=on_poll)
+        lanes.append(Lane(provider, breaker))
+    return lanes
 
 
 def build_service(config: Config, *, log: Logger | None = None,
@@ -2624,29 +3145,15 @@ def build_service(config: Config, *, log: Logger | None = None,
     metrics = Metrics(worker=worker)
     watchdog = Watchdog(recheck=min(1.0, config.client_timeout))
     stop = threading.Event()
-    address = Address(config.poll_address or DEFAULT_POLL_ADDRESS)
-    poll = Message(address, (address,), POLL_SUBJECT, POLL_BODY)
-
-    def on_change(change: StateChange) -> None:
-        metrics.inc("smsp_circuit_transitions_total", change.breaker, change.new.value)
-        log.log(Level.WARNING if change.new is State.OPEN else Level.INFO, "circuit_state_change",
-                provider=change.breaker, **{"from": change.old.value}, to=change.new.value,
-                reason=change.reason)
-
-    def on_poll(name: str, ok: bool) -> None:
-        metrics.inc("smsp_circuit_polls_total", name, "success" if ok else "failure")
-
-    routes = []
-    for provider in build_providers(config, watchdog=watchdog, clock=time.monotonic, stop=stop):
-        breaker = CircuitBreaker(provider.name, make_probe(provider, poll, config.timeout),
-                                 threshold=config.failure_threshold,
-                                 interval=config.poll_interval,
-                                 interval_max=config.poll_interval_max, clock=clock, timer=timer,
-                                 on_change=on_change, on_poll=on_poll)
-        routes.append(Route(provider, breaker))
-    dispatcher = Dispatcher(routes, timeout=config.timeout, log=log, metrics=metrics)
-    idempotency = IdempotencyStore(ttl=config.idempotency_ttl, max_entries=config.idempotency_max,
-                                   clock=clock)
+    context = ProviderContext(watchdog, time.monotonic, stop, Redactor(config_secrets(config)),
+                              config.pool_size, config.pool_idle)
+    lanes = _lanes(config, context, log=log, metrics=metrics, clock=clock, timer=timer)
+    dispatcher = Dispatcher(lanes, timeout=config.timeout, log=log, metrics=metrics)
+    attempts = config.timeout * len(lanes)
+    idempotency = MemoryIdempotencyStore(
+        ttl=config.idempotency_ttl, max_entries=config.idempotency_max,
+        lease=attempts + IDEMPOTENCY_MARGIN, liveness=config.timeout + IDEMPOTENCY_MARGIN,
+        clock=clock)
     app = Application(config, dispatcher=dispatcher, idempotency=idempotency, metrics=metrics,
                       log=log)
     return Service(config, log, metrics, watchdog, dispatcher, app, IdGenerator(), stop)
@@ -2794,37 +3301,74 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
     return worst
 
 
+def _default_text(row: Setting) -> str:
+    if row.required:
+        return "required"
+    if row.default in (None, "", ()):
+        return "unset"
+    return f"default {row.shown(row.default)}"
+
+
+def _row(env: str) -> Setting:
+    return next(row for row in SETTINGS if row.env == env)
+
+
+def _cli_value(env: str) -> Callable[[str], Any]:
+    """An argparse type that parses a command-line value with the setting's own parser."""
+    def parse(text: str) -> Any:
+        try:
+            return _row(env).parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    lines = ["environment variables (defaults in brackets):"]
-    for s in SETTINGS:
-        default = "required" if s.default is None else (
-            ",".join(s.default) if isinstance(s.default, tuple) else
-            str(s.default).lower() if isinstance(s.default, bool) else
-            repr(s.default) if s.default == "" else str(s.default))
-        lines.append(f"  {s.env:<26} {s.help} [{default}]")
+    lines = ["environment variables:"]
+    for row in all_settings():
+        lines.append(f"  {row.env:<28} {row.help} ({_default_text(row)})")
     parser = argparse.ArgumentParser(
         prog="smsp.py", description="smsp: the send-mail service proxy.",
         epilog="\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", help="listen address (overrides SMSP_HOST)")
-    parser.add_argument("--port", type=int, help="listen port (overrides SMSP_PORT)")
+    parser.add_argument("--host", type=_cli_value("SMSP_HOST"),
+                        help="listen address (overrides SMSP_HOST)")
+    parser.add_argument("--port", type=_cli_value("SMSP_PORT"),
+                        help="listen port (overrides SMSP_PORT)")
     parser.add_argument("--check-config", action="store_true",
                         help="print the effective configuration (secrets masked) and exit")
     parser.add_argument("--version", action="version", version=f"smsp {VERSION}")
     return parser
 
 
+def describe_config(config: Config) -> list[str]:
+    """The effective configuration, one ``NAME=value`` line each, secrets masked;
+    in mock mode the provider rows are left out, as they are ignored."""
+    lines = []
+    for row in SETTINGS:
+        shown = row.shown(config.value(row.field))
+        if row.field == "providers" and config.mock:
+            shown = "mock (SMSP_MOCK_EMAIL_SERVICE=true: provider settings are ignored)"
+        lines.append(f"{row.env}={shown}")
+    for name in config.active_providers:
+        cls = PROVIDERS.get(name)
+        for row in cls.settings if cls is not None else ():
+            lines.append(f"{row.env}={row.shown(config.provider_settings[name][row.field])}")
+    return lines
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = Config.from_env(os.environ if environ is None else environ,
-                                 host=args.host, port=args.port)
+        config = load_config(os.environ if environ is None else environ)
     except ConfigError as exc:
         print("smsp: invalid configuration:\n" + "".join(f"  - {p}\n" for p in exc.problems)
               + "For a demo without real providers set SMSP_MOCK_EMAIL_SERVICE=true "
                 "(and SMSP_API_KEY).", file=sys.stderr)
         return 2
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    config = dataclasses.replace(config, **overrides)
     if args.check_config:
-        print("\n".join(config.describe()))
+        print("\n".join(describe_config(config)))
         print("configuration OK")
         return 0
     if config.workers > 1:

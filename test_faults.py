@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -870,7 +871,7 @@ class RawProvider:
 @contextmanager
 def http_client(url: str, **options: Any) -> Iterator[smsp.HTTPClient]:
     watchdog = smsp.Watchdog()
-    client = smsp.HTTPClient(url, watchdog=watchdog, **options)
+    client = smsp.HTTPClient(urllib.parse.urlsplit(url), watchdog=watchdog, **options)
     try:
         yield client
     finally:

@@ -47,7 +47,7 @@ from testkit import (
 
 
 def test_config_with_only_mock_and_key_uses_documented_defaults() -> None:
-    config = smsp.Config.from_env({"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true"})
+    config = smsp.load_config({"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true"})
     assert config.api_keys == ("k",)
     assert config.active_providers == ("mock",)
     assert (config.timeout, config.poll_interval, config.poll_interval_max) == (2.0, 5.0, 60.0)
@@ -61,7 +61,7 @@ def test_config_with_only_mock_and_key_uses_documented_defaults() -> None:
 
 def test_config_reports_every_missing_variable_at_once() -> None:
     with pytest.raises(smsp.ConfigError) as caught:
-        smsp.Config.from_env({})
+        smsp.load_config({})
     text = str(caught.value)
     for name in ("SMSP_API_KEY", "SMSP_MG_DOMAIN", "SMSP_MG_API_KEY", "SMSP_SG_API_KEY",
                  "SMSP_POLL_MESSAGE_ADDRESS"):
@@ -74,10 +74,13 @@ GOOD_VALUES = [
     ("SMSP_PROVIDERS", "sendgrid", "providers", ("sendgrid",)),
     ("SMSP_MG_DOMAIN", "mg.example.com", "mg_domain", "mg.example.com"),
     ("SMSP_MG_API_KEY", "mgk", "mg_api_key", "mgk"),
-    ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/", "mg_base_url", "https://api.eu.mailgun.net"),
+    ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/", "mg_base_url",
+     urllib.parse.urlsplit("https://api.eu.mailgun.net")),
     ("SMSP_SG_API_KEY", "SG.x", "sg_api_key", "SG.x"),
-    ("SMSP_SG_BASE_URL", "http://127.0.0.1:9", "sg_base_url", "http://127.0.0.1:9"),
-    ("SMSP_POLL_MESSAGE_ADDRESS", "p@example.com", "poll_address", "p@example.com"),
+    ("SMSP_SG_BASE_URL", "http://127.0.0.1:9", "sg_base_url",
+     urllib.parse.urlsplit("http://127.0.0.1:9")),
+    ("SMSP_POLL_MESSAGE_ADDRESS", "Poll <p@example.com>", "poll_address",
+     smsp.Address("p@example.com", "Poll")),
     ("SMSP_TIMEOUT", "0.5", "timeout", 0.5),
     ("SMSP_POLL_INTERVAL", "2", "poll_interval", 2.0),
     ("SMSP_POLL_INTERVAL_MAX", "90", "poll_interval_max", 90.0),
@@ -99,19 +102,23 @@ GOOD_VALUES = [
 ]
 
 
+PROVIDERS_ENV = {"SMSP_API_KEY": "k", "SMSP_MG_DOMAIN": "mg.example.com",
+                 "SMSP_MG_API_KEY": "mgk", "SMSP_SG_API_KEY": "SG.k",
+                 "SMSP_POLL_MESSAGE_ADDRESS": "p@example.com"}
+
+
 @pytest.mark.parametrize(("env", "raw", "field", "expected"), GOOD_VALUES)
 def test_config_parses_every_variable(env: str, raw: str, field: str, expected: Any) -> None:
-    base = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", env: raw}
-    assert getattr(smsp.Config.from_env(base), field) == expected
+    assert smsp.load_config({**PROVIDERS_ENV, env: raw}).value(field) == expected
 
 
 def test_every_setting_has_a_good_value_test() -> None:
-    assert {s.env for s in smsp.SETTINGS} - {"SMSP_TLS_CERT", "SMSP_TLS_KEY"} == \
+    assert {s.env for s in smsp.all_settings()} - {"SMSP_TLS_CERT", "SMSP_TLS_KEY"} == \
         {env for env, *_ in GOOD_VALUES}
 
 
 BAD_VALUES = [
-    ("SMSP_API_KEY", " , "), ("SMSP_MOCK_EMAIL_SERVICE", "maybe"), ("SMSP_PROVIDERS", "postmark"),
+    ("SMSP_API_KEY", " , "), ("SMSP_MOCK_EMAIL_SERVICE", "maybe"), ("SMSP_PROVIDERS", "pigeon"),
     ("SMSP_PROVIDERS", "mailgun,mailgun"), ("SMSP_MG_BASE_URL", "ftp://x"),
     ("SMSP_SG_BASE_URL", "http://h:99999"), ("SMSP_TIMEOUT", "0"), ("SMSP_TIMEOUT", "soon"),
     ("SMSP_TIMEOUT", "nan"), ("SMSP_POLL_INTERVAL", "-1"), ("SMSP_POLL_INTERVAL_MAX", "0"),
@@ -126,9 +133,8 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(("env", "raw"), BAD_VALUES)
 def test_config_names_each_bad_value(env: str, raw: str) -> None:
-    base = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", env: raw}
     with pytest.raises(smsp.ConfigError) as caught:
-        smsp.Config.from_env(base)
+        smsp.load_config({**PROVIDERS_ENV, env: raw})
     assert any(p.startswith(env) for p in caught.value.problems), caught.value.problems
 
 
@@ -136,7 +142,7 @@ def test_config_reports_several_bad_values_together() -> None:
     env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_TIMEOUT": "x",
            "SMSP_PORT": "y", "SMSP_POLL_INTERVAL": "9", "SMSP_POLL_INTERVAL_MAX": "3"}
     with pytest.raises(smsp.ConfigError) as caught:
-        smsp.Config.from_env(env)
+        smsp.load_config(env)
     assert len(caught.value.problems) == 3
 
 
@@ -144,11 +150,11 @@ def test_config_requires_provider_keys_only_outside_mock_mode() -> None:
     env = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "sendgrid", "SMSP_SG_API_KEY": "SG.k",
            "SMSP_POLL_MESSAGE_ADDRESS": "not an address"}
     with pytest.raises(smsp.ConfigError) as caught:
-        smsp.Config.from_env(env)
+        smsp.load_config(env)
     assert caught.value.problems == ["SMSP_POLL_MESSAGE_ADDRESS must be an address like "
                                      "user@example.com or Name <user@example.com>"]
     env["SMSP_POLL_MESSAGE_ADDRESS"] = "poll@example.com"
-    assert smsp.Config.from_env(env).active_providers == ("sendgrid",)
+    assert smsp.load_config(env).active_providers == ("sendgrid",)
 
 
 def test_tls_cert_and_key_must_come_together(tmp_path: Any) -> None:
@@ -156,13 +162,15 @@ def test_tls_cert_and_key_must_come_together(tmp_path: Any) -> None:
     cert.write_text("x")
     env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_TLS_CERT": str(cert)}
     with pytest.raises(smsp.ConfigError, match="SMSP_TLS_CERT and SMSP_TLS_KEY"):
-        smsp.Config.from_env(env)
+        smsp.load_config(env)
 
 
-def test_cli_host_and_port_override_the_environment() -> None:
+def test_cli_host_and_port_override_the_environment(
+        capsys: pytest.CaptureFixture[str]) -> None:
     env = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_PORT": "1"}
-    config = smsp.Config.from_env(env, host="127.0.0.2", port=0)
-    assert (config.host, config.port) == ("127.0.0.2", 0)
+    assert smsp.main(["--check-config", "--host", "127.0.0.2", "--port", "0"], environ=env) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "SMSP_HOST=127.0.0.2" in out and "SMSP_PORT=0" in out
 
 
 def test_main_without_configuration_exits_2_naming_every_missing_variable(
@@ -179,9 +187,10 @@ def test_help_lists_every_variable_with_its_default(capsys: pytest.CaptureFixtur
         smsp.main(["--help"], environ={})
     assert caught.value.code == 0
     out = capsys.readouterr().out
-    for setting in smsp.SETTINGS:
+    for setting in smsp.all_settings():
         assert setting.env in out
-    assert "[https://api.mailgun.net]" in out and "[1048576]" in out
+    assert "(default https://api.mailgun.net)" in out and "(default 1048576)" in out
+    assert "SMSP_API_KEY" in out and "(required)" in out and "''" not in out
 
 
 def test_check_config_masks_secrets(capsys: pytest.CaptureFixture[str]) -> None:
@@ -474,7 +483,7 @@ def test_probe_counts_a_rejection_as_healthy_and_other_failures_as_down() -> Non
     (500, smsp.Outcome.NOT_SENT), (503, smsp.Outcome.NOT_SENT), (504, smsp.Outcome.NOT_SENT),
 ])
 def test_status_classification(status: int, outcome: smsp.Outcome) -> None:
-    assert smsp.classify_status(status) is outcome
+    assert smsp.classify_reply(status, None, smsp.HTTP_STATUSES, {}) is outcome
 
 
 class StubProvider(smsp.Provider):
@@ -496,7 +505,7 @@ def dispatch(first: smsp.ProviderError | None, second: smsp.ProviderError | None
              opened: tuple[str, ...] = ()) -> tuple[Any, list[StubProvider], list[Any]]:
     clock = FakeClock()
     providers = [StubProvider("mailgun", first), StubProvider("sendgrid", second)]
-    routes = [smsp.Route(p, smsp.CircuitBreaker(p.name, lambda: None, clock=clock,
+    routes = [smsp.Lane(p, smsp.CircuitBreaker(p.name, lambda: None, clock=clock,
                                                 timer=FakeTimers(), interval=5))
               for p in providers]
     for route in routes:
@@ -508,8 +517,22 @@ def dispatch(first: smsp.ProviderError | None, second: smsp.ProviderError | None
     try:
         result: Any = dispatcher.send(smsp.parse_message(EMAIL))
     except smsp.DeliveryFailed as failure:
-        result = failure
+        result = Answered(failure)
     return result, providers, [r.breaker.state for r in routes]
+
+
+class Answered:
+    """A delivery failure as the Application answers it: status, delivery, text."""
+
+    def __init__(self, failure: smsp.DeliveryFailed) -> None:
+        response = smsp.failure_response(failure, "rid", 2)
+        document = json.loads(response.body)
+        self.status = response.status
+        self.delivery = smsp.Delivery(document["delivery"])
+        self.message = document["message"]
+        self.provider = failure.provider
+        headers = dict(response.headers)
+        self.retry_after = int(headers["Retry-After"]) if "Retry-After" in headers else None
 
 
 NOT_SENT = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 500")
@@ -573,50 +596,93 @@ def test_a_provider_bug_counts_as_unknown_not_as_safe_to_retry() -> None:
             raise RuntimeError("bug")
 
     second = StubProvider("sendgrid")
-    routes = [smsp.Route(p, smsp.CircuitBreaker(p.name, lambda: None, timer=FakeTimers()))
+    routes = [smsp.Lane(p, smsp.CircuitBreaker(p.name, lambda: None, timer=FakeTimers()))
               for p in (Broken("mailgun"), second)]
     dispatcher = smsp.Dispatcher(routes, timeout=1, log=smsp.Logger(write=lambda line: None),
                                  metrics=smsp.Metrics())
     with pytest.raises(smsp.DeliveryFailed) as caught:
         dispatcher.send(smsp.parse_message(EMAIL))
-    assert (caught.value.status, caught.value.delivery) == (502, smsp.Delivery.UNKNOWN)
+    answered = Answered(caught.value)
+    assert (answered.status, answered.delivery) == (502, smsp.Delivery.UNKNOWN)
     assert second.calls == 0
 
 
 # -------------------------------------------------------------- idempotency ---
 
 
+ANSWER = smsp.StoredAnswer(200, (), b'{"status":"sent"}', "mailgun", "sent")
+
+
+def memory_store(clock: FakeClock, *, ttl: float = 10, max_entries: int = 5
+                 ) -> smsp.MemoryIdempotencyStore:
+    return smsp.MemoryIdempotencyStore(ttl=ttl, max_entries=max_entries, lease=3, liveness=4,
+                                       clock=clock)
+
+
 def test_idempotency_store_claims_replays_and_detects_reuse() -> None:
     clock = FakeClock()
-    store = smsp.IdempotencyStore(ttl=10, max_entries=5, clock=clock)
-    key = (0, "k")
-    assert store.claim(key, "f1") == (smsp.Claim.NEW, None)
-    assert store.claim(key, "f1") == (smsp.Claim.IN_FLIGHT, None)
-    assert store.claim(key, "f2") == (smsp.Claim.MISMATCH, None)
-    store.complete(key, "response")
-    assert store.claim(key, "f1") == (smsp.Claim.REPLAY, "response")
-    assert store.claim((1, "k"), "f1")[0] is smsp.Claim.NEW  # scoped per API key
+    store = memory_store(clock)
+    first = store.claim("k", "f1")
+    assert first.claim is smsp.Claim.NEW and first.token
+    assert store.claim("k", "f1").claim is smsp.Claim.IN_FLIGHT
+    assert store.claim("k", "f2").claim is smsp.Claim.MISMATCH
+    store.complete("k", first.token, ANSWER)
+    assert store.claim("k", "f1") == smsp.ClaimResult(smsp.Claim.REPLAY, first.token, ANSWER)
+    assert store.claim("other", "f1").claim is smsp.Claim.NEW
     clock.advance(10)
-    assert store.claim(key, "f1")[0] is smsp.Claim.NEW  # expired
+    assert store.claim("k", "f1").claim is smsp.Claim.NEW  # expired
+
+
+def test_a_claim_is_a_lease_that_expires_and_lost_leases_cannot_dispatch() -> None:
+    clock = FakeClock()
+    store = memory_store(clock)
+    first = store.claim("k", "f")
+    clock.advance(3)  # the lease (3 s) is over: the holder sent nothing, so a retry may
+    second = store.claim("k", "f")
+    assert second.claim is smsp.Claim.NEW and second.token != first.token
+    assert store.dispatching("k", first.token, "mailgun") is False
+    assert store.dispatching("k", second.token, "mailgun") is True
+
+
+def test_a_holder_silent_past_its_liveness_deadline_is_holder_lost() -> None:
+    clock = FakeClock()
+    store = memory_store(clock)
+    token = store.claim("k", "f").token
+    assert store.dispatching("k", token, "mailgun")
+    clock.advance(3.9)
+    assert store.claim("k", "f").claim is smsp.Claim.IN_FLIGHT
+    clock.advance(0.2)  # past the 4 s liveness: it may have been sent, and nobody will say
+    lost = store.claim("k", "f")
+    assert (lost.claim, lost.provider) == (smsp.Claim.HOLDER_LOST, "mailgun")
+    new = store.takeover("k", lost.token, "resend")
+    assert new and store.takeover("k", lost.token, "resend") is None  # the owner changed
+    store.complete("k", new, ANSWER)
+    assert store.claim("k", "f").claim is smsp.Claim.REPLAY
+
+
+def test_stored_answers_survive_a_json_round_trip() -> None:
+    answer = smsp.StoredAnswer(502, (("Retry-After", "1"),), b'{"delivery":"unknown"}',
+                               "sendgrid", "unknown")
+    assert smsp.StoredAnswer.from_json(json.loads(json.dumps(answer.to_json()))) == answer
 
 
 def test_idempotency_store_evicts_least_recently_used_but_never_in_flight() -> None:
-    store = smsp.IdempotencyStore(ttl=100, max_entries=2, clock=FakeClock())
-    store.claim((0, "in-flight"), "f")
-    store.claim((0, "a"), "f")
-    store.complete((0, "a"), "A")
-    store.claim((0, "b"), "f")  # over the limit: "a" goes, the in-flight one stays
-    store.complete((0, "b"), "B")
+    store = memory_store(FakeClock(), ttl=100, max_entries=2)
+    store.claim("in-flight", "f")
+    store.complete("a", store.claim("a", "f").token, ANSWER)
+    store.complete("b", store.claim("b", "f").token, ANSWER)  # over: "a" goes
     assert len(store) == 2
-    assert store.claim((0, "in-flight"), "f")[0] is smsp.Claim.IN_FLIGHT
-    assert store.claim((0, "a"), "f")[0] is smsp.Claim.NEW
+    assert store.claim("in-flight", "f").claim is smsp.Claim.IN_FLIGHT
+    assert store.claim("a", "f").claim is smsp.Claim.NEW
 
 
-def test_released_key_can_be_used_again() -> None:
-    store = smsp.IdempotencyStore(ttl=100, max_entries=2, clock=FakeClock())
-    store.claim((0, "k"), "f")
-    store.release((0, "k"))
-    assert store.claim((0, "k"), "other")[0] is smsp.Claim.NEW
+def test_released_key_can_be_used_again_but_only_by_its_owner() -> None:
+    store = memory_store(FakeClock())
+    token = store.claim("k", "f").token
+    store.release("k", "someone else")
+    assert store.claim("k", "other").claim is smsp.Claim.MISMATCH
+    store.release("k", token)
+    assert store.claim("k", "other").claim is smsp.Claim.NEW
 
 
 # ------------------------------------------------------------- logging, ids ---
@@ -967,7 +1033,7 @@ def test_healthcheck_stays_ok_with_every_circuit_open(mock: Running) -> None:
     status, _, body = mock.request("GET", "/healthcheck")
     provider = json.loads(body)["providers"][0]
     assert status == 200 and provider["state"] == "open"
-    assert provider["last_error"] == "HTTP 500: mock provider failure"
+    assert provider["last_error"] == "HTTP 500"
     assert provider["opened_at"].endswith("Z") and provider["next_poll_at"].endswith("Z")
 
 
@@ -989,7 +1055,7 @@ def test_swagger_document_is_valid_openapi() -> None:
     assert status == 200 and headers["content-type"] == "application/json"
     document = json.loads(body)
     validate(document)
-    assert set(document["paths"]) == set(smsp.ROUTES)
+    assert set(document["paths"]) == {e.path for e in smsp.ENDPOINTS}
     assert document["components"]["securitySchemes"]["apiKey"] == \
         {"type": "apiKey", "in": "header", "name": "X-API-KEY"}
 
@@ -1064,7 +1130,7 @@ def test_every_route_and_status_is_documented_and_real_answers_match_the_schemas
     with running(make_config(client_timeout=0.5, timeout=0.3)) as server:
         document = json.loads(server.request("GET", "/swagger.json")[2])
         answers = observed_answers(server)
-    for path, methods in smsp.ROUTES.items():
+    for path, methods in ((e.path, e.methods) for e in smsp.ENDPOINTS):
         assert {m.upper() for m in document["paths"][path]} == set(methods), path
     seen: dict[tuple[str, str], set[int]] = {}
     for method, path, status, headers, body in answers:
@@ -1091,7 +1157,7 @@ def test_internal_error_is_a_json_500_without_details(mock: Running) -> None:
     def broken(request: smsp.Request) -> smsp.Response:
         raise KeyError("secret-detail")
 
-    mock.service.app._handlers["/healthcheck"] = broken
+    mock.service.app.health = broken  # type: ignore[method-assign]
     status, _, body = mock.request("GET", "/healthcheck")
     assert status == 500 and b"secret-detail" not in body
     assert set(json.loads(body)) == {"message", "request_id"}
@@ -1480,7 +1546,7 @@ def test_smsp_threads_leave_sigterm_to_the_main_thread() -> None:
 def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun) -> None:
     clock = FakeClock()
     watchdog = smsp.Watchdog(clock=clock)  # deadlines and pool ages on one clock
-    client = smsp.HTTPClient(mailgun.url, watchdog=watchdog, pool_size=4, pool_idle=15,
+    client = smsp.HTTPClient(urllib.parse.urlsplit(mailgun.url), watchdog=watchdog, pool_size=4, pool_idle=15,
                              clock=clock)
     provider = smsp.MailgunProvider(client, MG_DOMAIN, MG_KEY)
     message = smsp.parse_message(EMAIL)

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -114,12 +115,31 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
-def make_config(**overrides: Any) -> smsp.Config:
+def env_text(value: Any) -> str:
+    """A setting's value as the environment variable would spell it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, urllib.parse.SplitResult):
+        return value.geturl()
+    return str(value)
+
+
+def config_env(**overrides: Any) -> dict[str, str]:
+    """The environment of a test config: mock mode on 127.0.0.1:0 unless overridden;
+    keys are settings' field names."""
     values: dict[str, Any] = {"api_keys": (API_KEY,), "mock": True, "host": "127.0.0.1",
                               "port": 0, "timeout": 1.0, "client_timeout": 2.0,
                               "poll_address": POLL}
     values.update(overrides)
-    return smsp.Config(**values)
+    rows = {row.field: row for row in smsp.all_settings()}
+    return {rows[field].env: env_text(value) for field, value in values.items()}
+
+
+def make_config(**overrides: Any) -> smsp.Config:
+    """A Config built by the loader production uses, from ``config_env``."""
+    return smsp.load_config(config_env(**overrides))
 
 
 class Running:
