@@ -1546,8 +1546,8 @@ def test_smsp_threads_leave_sigterm_to_the_main_thread() -> None:
 def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun) -> None:
     clock = FakeClock()
     watchdog = smsp.Watchdog(clock=clock)  # deadlines and pool ages on one clock
-    client = smsp.HTTPClient(urllib.parse.urlsplit(mailgun.url), watchdog=watchdog, pool_size=4, pool_idle=15,
-                             clock=clock)
+    client = smsp.HTTPClient(urllib.parse.urlsplit(mailgun.url), watchdog=watchdog,
+                             pool_size=4, pool_idle=15, clock=clock)
     provider = smsp.MailgunProvider(client, MG_DOMAIN, MG_KEY)
     message = smsp.parse_message(EMAIL)
     try:
