@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: run test lint unit functional fuzz soak soak-ci bench docker image-test clean
+.PHONY: run test lint unit functional promtool promtool-install fuzz soak soak-ci bench docker \
+	image-test clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,19 +18,29 @@ run:
 	@echo '  curl -i -H "X-API-KEY: dev" -H "Content-Type: application/json" -d '\''{"fromaddress":"a@example.com","toaddress":"b@example.com","subject":"hi","plaintextbody":"hello"}'\'' http://127.0.0.1:$(PORT)/email'
 	SMSP_MOCK_EMAIL_SERVICE=true SMSP_API_KEY=dev $(PYTHON) smsp.py --port $(PORT)
 
-test: lint unit functional soak-ci
+test: lint unit functional promtool soak-ci
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
-unit: $(STAMP)
-	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py \
+unit: $(STAMP) promtool-install
+	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py test_deploy.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 functional: $(STAMP)
 	$(BIN)/python -m pytest -q functional_test.py
 	SMSP_PROTOCOL=https $(BIN)/python -m pytest -q functional_test.py
+
+# promtool is in Debian's prometheus package (/usr/bin/promtool); installed only
+# when missing. Without recommends: they would add prometheus-node-exporter.
+promtool-install:
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+
+# The alerting rules: syntax and PromQL, then their unit tests.
+promtool: promtool-install
+	promtool check rules deploy/prometheus-rules.yaml
+	promtool test rules deploy/prometheus-rules.test.yaml
 
 fuzz:
 	bash scripts/fuzz.sh
