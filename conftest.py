@@ -1,6 +1,7 @@
 """Fixtures: strict fake providers and the proxy in front of them."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,12 @@ def mailgun() -> Iterator[FakeMailgun]:
 def sendgrid() -> Iterator[FakeSendGrid]:
     with FakeSendGrid(api_key=SG_KEY) as fake:
         yield fake
+
+
+@pytest.fixture
+def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> dict[str, Any]:
+    """Every strict fake provider, by provider name."""
+    return {"mailgun": mailgun, "sendgrid": sendgrid}
 
 
 @pytest.fixture

@@ -87,21 +87,41 @@ def json_body(raw: bytes) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One provider behaviour and everything the client and the operator must see."""
+    """One provider behaviour and everything the client and the operator must see.
 
-    mailgun: tuple[Behaviour, ...] = ()  # scripted on the fake Mailgun (FIFO)
-    sendgrid: tuple[Behaviour, ...] = ()
-    mailgun_url: str = ""  # "refuse", "dns", "blackhole" or "tls": Mailgun cannot be reached
-    sendgrid_url: str = ""
+    Keyed by provider name, so a new provider adds rows, not code: ``script``
+    is what each fake does (FIFO), ``unreachable`` names providers that cannot
+    be reached ("refuse", "dns", "blackhole" or "tls"), ``hits`` how often
+    each fake must have been asked.
+    """
+
+    script: tuple[tuple[str, tuple[Behaviour, ...]], ...] = ()
+    unreachable: tuple[tuple[str, str], ...] = ()
     providers: tuple[str, ...] = ("mailgun", "sendgrid")
     status: int = 200
     delivery: str = "sent"  # "sent" (a 200), "not_sent" or "unknown"
-    mailgun_hits: int = 0
-    sendgrid_hits: int = 0
+    hits: tuple[tuple[str, int], ...] = ()
     states: tuple[tuple[str, str], ...] = (("mailgun", "closed"), ("sendgrid", "closed"))
     provider: str | None = None  # who sent it (200 only)
     message_id: bool = True  # 200 only: False means message_id null plus a warning line
     says: str = ""  # 422 only: the provider's own words, passed on to the client
+
+
+def case(**fields: Any) -> Case:
+    """A Case from per-provider keywords: ``<name>=behaviours``, ``<name>_url=how`` and
+    ``<name>_hits=n`` for any provider name, beside Case's own fields."""
+    own = {f.name for f in dataclasses.fields(Case)}
+    script, unreachable_, hits = {}, {}, {}
+    for key in [k for k in fields if k not in own]:
+        value = fields.pop(key)
+        if key.endswith("_url"):
+            unreachable_[key[:-4]] = value
+        elif key.endswith("_hits"):
+            hits[key[:-5]] = value
+        else:
+            script[key] = value
+    return Case(script=tuple(script.items()), unreachable=tuple(unreachable_.items()),
+                hits=tuple(hits.items()), **fields)
 
 
 def closed_open(first: str, second: str) -> tuple[tuple[str, str], ...]:
@@ -117,18 +137,18 @@ RATE_LIMIT = {"X-RateLimit-Limit": "300", "X-RateLimit-Remaining": "0",
 
 
 def mailgun_first(**fields: Any) -> Case:
-    return Case(**fields)
+    return case(**fields)
 
 
 def then_sendgrid(*behaviours: Behaviour, **fields: Any) -> Case:
     """Mailgun fails over with a 500; SendGrid, the last provider, does ``behaviours``."""
-    return Case(mailgun=(Status(500),), sendgrid=behaviours, mailgun_hits=1, sendgrid_hits=1,
+    return case(mailgun=(Status(500),), sendgrid=behaviours, mailgun_hits=1, sendgrid_hits=1,
                 **fields)
 
 
 def sendgrid_only(*behaviours: Behaviour, **fields: Any) -> Case:
     states = fields.pop("states", (("sendgrid", "closed"),))
-    return Case(sendgrid=behaviours, providers=("sendgrid",), sendgrid_hits=1, states=states,
+    return case(sendgrid=behaviours, providers=("sendgrid",), sendgrid_hits=1, states=states,
                 **fields)
 
 
@@ -238,18 +258,18 @@ CASES = [
                  id="sendgrid-only-400"),
     pytest.param(sendgrid_only(Malformed2xx(), provider="sendgrid", message_id=False),
                  id="sendgrid-only-202-without-id"),
-    pytest.param(Case(sendgrid=(Malformed2xx(),), providers=("sendgrid", "mailgun"),
+    pytest.param(case(sendgrid=(Malformed2xx(),), providers=("sendgrid", "mailgun"),
                       provider="sendgrid", message_id=False, sendgrid_hits=1,
                       states=(("sendgrid", "closed"), ("mailgun", "closed"))),
                  id="sendgrid-first-202-without-id"),
-    pytest.param(Case(sendgrid=(Status(503),), providers=("sendgrid", "mailgun"),
+    pytest.param(case(sendgrid=(Status(503),), providers=("sendgrid", "mailgun"),
                       provider="mailgun", mailgun_hits=1, sendgrid_hits=1,
                       states=(("sendgrid", "open"), ("mailgun", "closed"))),
                  id="sendgrid-first-503-fails-over-to-mailgun"),
 ]
 
 
-def unreachable(fake: FakeMailgun | FakeSendGrid, how: str) -> str:
+def unreachable(fake: Any, how: str) -> str:
     """A base URL for ``fake`` that cannot be reached in the way named by ``how``."""
     if how == "refuse":
         fake.refuse()
@@ -263,15 +283,19 @@ def unreachable(fake: FakeMailgun | FakeSendGrid, how: str) -> str:
     # (the fake does not count it as a hit: a ClientHello is no HTTP request)
 
 
+def base_url_field(provider: str) -> str:
+    """The field of a provider's base URL setting, read from its own rows."""
+    return next(row.field for row in smsp.PROVIDERS[provider].settings
+                if row.env.endswith("_BASE_URL"))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_provider_behaviour(case: Case, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
-    mailgun.script(*case.mailgun)
-    sendgrid.script(*case.sendgrid)
-    urls = {}
-    if case.mailgun_url:
-        urls["mg_base_url"] = unreachable(mailgun, case.mailgun_url)
-    if case.sendgrid_url:
-        urls["sg_base_url"] = unreachable(sendgrid, case.sendgrid_url)
+def test_provider_behaviour(case: Case, fakes: dict[str, Any], mailgun: FakeMailgun,
+                            sendgrid: FakeSendGrid) -> None:
+    for name, behaviours in case.script:
+        fakes[name].script(*behaviours)
+    urls = {base_url_field(name): unreachable(fakes[name], how)
+            for name, how in case.unreachable}
     config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, providers=case.providers,
                              **urls)
     with running(config) as server:
@@ -279,14 +303,15 @@ def test_provider_behaviour(case: Case, mailgun: FakeMailgun, sendgrid: FakeSend
 
         assert (status, body.get("delivery", body.get("status"))) == \
             (case.status, case.delivery), body
-        assert (mailgun.hits, sendgrid.hits) == (case.mailgun_hits, case.sendgrid_hits)
+        assert {name: fake.hits for name, fake in fakes.items()} == \
+            {name: dict(case.hits).get(name, 0) for name in fakes}
         assert server.states() == dict(case.states)
         assert elapsed < BOUND
-        accepted = {"mailgun": len(mailgun.accepted), "sendgrid": len(sendgrid.accepted)}
+        accepted = {name: len(fake.accepted) for name, fake in fakes.items()}
         assert sum(accepted.values()) <= 1  # never sent twice
         warnings = server.lines.events("provider_reply_malformed")
         if case.status == 200:
-            assert body["provider"] == case.provider
+            assert case.provider is not None and body["provider"] == case.provider
             assert accepted[case.provider] == 1
             if case.message_id:
                 assert isinstance(body["message_id"], str) and body["message_id"]

@@ -38,11 +38,6 @@ PARTIES: dict[str, Callable[[bytes], tuple[list[tuple[str, str]], list[tuple[str
 }
 
 
-@pytest.fixture
-def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> dict[str, Any]:
-    return {"mailgun": mailgun, "sendgrid": sendgrid}
-
-
 @pytest.mark.parametrize("provider", sorted(PARTIES))
 def test_poll_message_is_built_from_the_parsed_poll_address(
         provider: str, fakes: dict[str, Any], mailgun: FakeMailgun,
