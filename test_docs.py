@@ -1,0 +1,24 @@
+"""README holds to the code: its configuration table is the settings rows, exactly."""
+
+import pathlib
+import sys
+
+import smsp
+
+ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import settings_table  # noqa: E402
+
+
+def test_readme_configuration_table_is_generated_from_the_settings_rows() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert settings_table.BEGIN in readme and settings_table.END in readme
+    assert settings_table.readme_with_table(readme) == readme, \
+        "README's table is stale: run python scripts/settings_table.py --write"
+
+
+def test_the_table_names_every_variable_smsp_reads_once() -> None:
+    rows = settings_table.table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == [s.env for s in smsp.all_settings()]
+    assert len({s.env for s in smsp.all_settings()}) == len(rows)
