@@ -77,32 +77,38 @@ def rs(clock: FakeClock) -> Iterator[FakeResend]:
         yield fake
 
 
-def pm_headers(**overrides: str) -> dict[str, str]:
-    headers = {"X-Postmark-Server-Token": PM_TOKEN, "Accept": "application/json",
-               "Content-Type": "application/json"}
-    headers.update(overrides)
-    return {name: value for name, value in headers.items() if value != "-"}  # "-" drops one
-
-
-def pm_send(pm: FakePostmark, mail: Any = None, path: str = "/email", method: str = "POST",
-            **headers: str) -> Reply:
-    body = json.dumps(PM_MAIL if mail is None else mail)
-    return call(connect(pm), path, body, pm_headers(**headers), method)  # type: ignore[arg-type]
-
-
-def rs_headers(key: str | None = None, **overrides: str) -> dict[str, str]:
-    headers = {"Authorization": f"Bearer {RS_KEY}", "Content-Type": "application/json"}
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    headers.update(overrides)
+def with_overrides(headers: dict[str, str], overrides: Mapping[str, str] | None,
+                   ) -> dict[str, str]:
+    """``headers`` updated with ``overrides``; an override of "-" removes that header."""
+    headers.update(overrides or {})
     return {name: value for name, value in headers.items() if value != "-"}
 
 
+def pm_headers(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    return with_overrides({"X-Postmark-Server-Token": PM_TOKEN, "Accept": "application/json",
+                           "Content-Type": "application/json"}, overrides)
+
+
+def pm_send(pm: FakePostmark, mail: Any = None, path: str = "/email", method: str = "POST",
+            headers: Mapping[str, str] | None = None) -> Reply:
+    body = json.dumps(PM_MAIL if mail is None else mail)
+    return call(connect(pm), path, body, pm_headers(headers), method)  # type: ignore[arg-type]
+
+
+def rs_headers(key: str | None = None, overrides: Mapping[str, str] | None = None,
+               ) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {RS_KEY}", "Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return with_overrides(headers, overrides)
+
+
 def rs_send(rs: FakeResend, mail: Any = None, key: str | None = None, path: str = "/emails",
-            method: str = "POST", timeout: float = 2.0, **headers: str) -> Reply:
+            method: str = "POST", timeout: float = 2.0,
+            headers: Mapping[str, str] | None = None) -> Reply:
     body = json.dumps(RS_MAIL if mail is None else mail)
     conn = connect(rs, timeout)  # type: ignore[arg-type]
-    return call(conn, path, body, rs_headers(key, **headers), method)
+    return call(conn, path, body, rs_headers(key, headers), method)
 
 
 def changed(mail: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
@@ -149,7 +155,7 @@ def test_postmark_accepts_what_the_api_allows(pm: FakePostmark, fields: dict[str
 
 
 def test_postmark_token_is_compared_without_case(pm: FakePostmark) -> None:
-    assert pm_send(pm, **{"X-Postmark-Server-Token": PM_TOKEN.upper()}).status == 200
+    assert pm_send(pm, headers={"X-Postmark-Server-Token": PM_TOKEN.upper()}).status == 200
 
 
 # ---------------------------------------------------------------- Postmark: what it refuses
@@ -159,7 +165,7 @@ def test_postmark_token_is_compared_without_case(pm: FakePostmark) -> None:
                                             ("wrong-token", "was invalid")])
 def test_postmark_missing_or_wrong_token_gets_401_error_code_10(pm: FakePostmark, token: str,
                                                                  wording: str) -> None:
-    reply = pm_send(pm, **{"X-Postmark-Server-Token": token})
+    reply = pm_send(pm, headers={"X-Postmark-Server-Token": token})
     assert reply.status == 401
     assert reply.json()["ErrorCode"] == 10
     assert wording in reply.json()["Message"]
@@ -171,7 +177,7 @@ def test_postmark_missing_or_wrong_token_gets_401_error_code_10(pm: FakePostmark
                                      {"Content-Type": "-"}])
 def test_postmark_without_json_accept_and_content_type_gets_415(pm: FakePostmark,
                                                                 headers: dict[str, str]) -> None:
-    reply = pm_send(pm, **headers)
+    reply = pm_send(pm, headers=headers)
     assert reply.status == 415
     assert reply.json()["ErrorCode"] == 409
     assert pm.accepted == []
@@ -353,18 +359,20 @@ def assert_resend_error(reply: Reply, status: int, name: str, wording: str = "")
 @pytest.mark.parametrize("authorization", ["-", "Basic " + RS_KEY, "Bearer "])
 def test_resend_without_a_bearer_key_gets_401_missing_api_key(rs: FakeResend,
                                                               authorization: str) -> None:
-    assert_resend_error(rs_send(rs, Authorization=authorization), 401, "missing_api_key")
+    reply = rs_send(rs, headers={"Authorization": authorization})
+    assert_resend_error(reply, 401, "missing_api_key")
     assert rs.sent == []
 
 
 def test_resend_wrong_key_gets_403_invalid_api_key(rs: FakeResend) -> None:
-    assert_resend_error(rs_send(rs, Authorization="Bearer re_wrong"), 403, "invalid_api_key")
+    reply = rs_send(rs, headers={"Authorization": "Bearer re_wrong"})
+    assert_resend_error(reply, 403, "invalid_api_key")
     assert rs.sent == []
 
 
 def test_resend_wrong_key_answer_can_follow_the_newer_errors_page() -> None:
     with FakeResend(api_key=RS_KEY, bad_key_error=("validation_error", 401)) as rs:
-        reply = rs_send(rs, Authorization="Bearer re_wrong")
+        reply = rs_send(rs, headers={"Authorization": "Bearer re_wrong"})
     assert_resend_error(reply, 401, "validation_error")
 
 
@@ -375,7 +383,8 @@ def test_resend_idempotency_key_over_256_chars_gets_400(rs: FakeResend) -> None:
 
 
 def test_resend_non_json_request_gets_400_validation_error(rs: FakeResend) -> None:
-    assert_resend_error(rs_send(rs, **{"Content-Type": "text/plain"}), 400, "validation_error")
+    reply = rs_send(rs, headers={"Content-Type": "text/plain"})
+    assert_resend_error(reply, 400, "validation_error", "Content-Type")
     reply = call(connect(rs), "/emails", b"[1]", rs_headers())  # type: ignore[arg-type]
     assert_resend_error(reply, 400, "validation_error", "JSON object")
     assert rs.sent == []
