@@ -37,8 +37,9 @@ Idempotency (resend.com/docs/dashboard/emails/idempotency-keys), rules callers m
   injected ``clock``) gets the first answer again and sends nothing: ``sent`` stays as it was,
   while ``requests`` and ``accepted`` grow. Another payload gets 409 ``invalid_idempotent_request``;
   any request while the key is still in flight gets 409 ``concurrent_idempotent_requests``.
-- Only a 2xx is kept. A request that ends in an error (a scripted ``Status(500)`` included) sends
-  nothing and frees its key. Whether Resend replays errors is unconfirmed.
+- Only a send's 2xx is kept. A request refused by the checks, or answered by a scripted error
+  ``Status``, sends nothing and leaves the key as it was. Whether Resend replays errors is
+  unconfirmed.
 - ``Hold()`` keeps a request, and its key, in flight until ``release()``; it then sends and
   answers normally. ``SendThenReset()`` sends (and keeps the answer under the key), then resets
   the connection without writing a byte. The fakes.py behaviours that never answer
@@ -121,7 +122,8 @@ _ADDRESS_FORMAT = ("The email address needs to follow the `email@example.com` or
 
 @dataclass(frozen=True)
 class Hold:
-    """Keep the request (and its Idempotency-Key) in flight until ``release()``, then answer."""
+    """Keep the request (and its Idempotency-Key) in flight until ``release()``, then send and
+    answer normally; ``close()`` ends it with a 500 instead, sending nothing."""
 
 
 @dataclass(frozen=True)
