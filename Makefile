@@ -25,7 +25,8 @@ lint: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
 unit: $(STAMP) promtool-install
-	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py test_deploy.py \
+	$(BIN)/python -m pytest -q test_*.py \
+		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 functional: $(STAMP)
