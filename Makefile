@@ -27,7 +27,6 @@ lint: $(STAMP)
 unit: $(STAMP) promtool-install
 	$(BIN)/python -m pytest -q test_*.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
-		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 functional: $(STAMP)
 	$(BIN)/python -m pytest -q functional_test.py
