@@ -5,8 +5,23 @@ from typing import Any
 
 import pytest
 
+from fake_postmark import FakePostmark
+from fake_resend import FakeResend
+from fake_ses import FakeSES
 from fakes import FakeMailgun, FakeSendGrid
-from testkit import MG_DOMAIN, MG_KEY, SG_KEY, Running, provider_config, running
+from testkit import (
+    MG_DOMAIN,
+    MG_KEY,
+    PM_TOKEN,
+    RS_KEY,
+    SES_ACCESS_KEY,
+    SES_REGION,
+    SES_SECRET_KEY,
+    SG_KEY,
+    Running,
+    provider_config,
+    running,
+)
 
 
 @pytest.fixture
@@ -22,9 +37,30 @@ def sendgrid() -> Iterator[FakeSendGrid]:
 
 
 @pytest.fixture
-def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> dict[str, Any]:
-    """Every strict fake provider, by provider name."""
-    return {"mailgun": mailgun, "sendgrid": sendgrid}
+def ses_fake() -> Iterator[FakeSES]:
+    with FakeSES(access_key=SES_ACCESS_KEY, secret_key=SES_SECRET_KEY,
+                 region=SES_REGION) as fake:
+        yield fake
+
+
+@pytest.fixture
+def postmark() -> Iterator[FakePostmark]:
+    with FakePostmark(server_token=PM_TOKEN) as fake:
+        yield fake
+
+
+@pytest.fixture
+def resend() -> Iterator[FakeResend]:
+    with FakeResend(api_key=RS_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid, ses_fake: FakeSES,
+          postmark: FakePostmark, resend: FakeResend) -> dict[str, Any]:
+    """Every strict fake HTTP provider, by provider name."""
+    return {"mailgun": mailgun, "sendgrid": sendgrid, "ses": ses_fake, "postmark": postmark,
+            "resend": resend}
 
 
 @pytest.fixture

@@ -438,6 +438,16 @@ def _parse_text(text: str) -> str:
     return text.strip()
 
 
+_REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")
+
+
+def _parse_region(text: str) -> str:
+    region = text.strip()
+    if not _REGION_RE.fullmatch(region):
+        raise ValueError("must be an AWS region such as eu-west-1")
+    return region
+
+
 def _parse_poll_address(text: str) -> Address:
     try:
         return parse_address("SMSP_POLL_MESSAGE_ADDRESS", text.strip())
@@ -471,7 +481,7 @@ class Setting:
             return ",".join(value)
         if isinstance(value, bool):
             return str(value).lower()
-        return str(value)
+        return "" if value is None else str(value)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -825,6 +835,7 @@ class Message:
     attachments: tuple[Attachment, ...] = ()
     tags: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
+    key: str = ""  # the same on every retry of one keyed request; providers may dedupe by it
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -1266,6 +1277,7 @@ class ProviderContext:
     redact: Callable[[str], str] = str
     pool_size: int = 16
     pool_idle: float = 15.0
+    wallclock: Callable[[], float] = time.time  # for signatures that carry the time
 
     def http_client(self, base_url: urllib.parse.SplitResult) -> HTTPClient:
         """A pooled client with its own SSLContext, made now (not on the first send)."""
@@ -1287,6 +1299,7 @@ class Provider:
 
     name: ClassVar[str] = ""
     settings: ClassVar[tuple[Setting, ...]] = ()
+    resolves_unknown: ClassVar[bool] = False  # a retry with the same key is sent once at most
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], context: ProviderContext) -> "Provider":
@@ -1626,6 +1639,341 @@ def sigv4_authorization(method: str, url: str, headers: Mapping[str, str], body:
     return added
 
 
+_PAIR_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def tag_pairs(message: Message) -> list[tuple[str, str]] | str:
+    """Tags and metadata as the name/value pairs of SES and Resend: each metadata entry
+    is a pair, each tag a pair with the value ``true``; or why they cannot be."""
+    pairs = list(message.metadata) + [(tag, "true") for tag in message.tags]
+    for name, value in pairs:
+        if not (_PAIR_RE.fullmatch(name) and _PAIR_RE.fullmatch(value)):
+            return ("tags and metadata may hold only ASCII letters, digits, '_' and '-' "
+                    f"here ({name!r} does not fit)")
+    return pairs
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _addresses(addresses: Iterable[Address]) -> list[str]:
+    return [str(address) for address in addresses]
+
+
+class SESProvider(HTTPProvider):
+    """Amazon SES v2 ``SendEmail``: ``POST /v2/email/outbound-emails``, JSON, SigV4.
+
+    SES answers most errors with HTTP 400, so a reply is classified by its error
+    type (the ``x-amzn-ErrorType`` header, else the body's ``__type`` or
+    ``code``, without a ``namespace#`` prefix, as botocore reads it); a 403 (bad
+    signature or credentials) refuses us.
+    """
+
+    name = "ses"
+    path = "/v2/email/outbound-emails"
+    settings = (
+        Setting("SMSP_SES_REGION", "ses_region", _parse_region, "", "AWS region, e.g. eu-west-1",
+                required=True),
+        Setting("SMSP_SES_ACCESS_KEY_ID", "ses_access_key_id", _parse_text, "",
+                "AWS access key id", required=True),
+        Setting("SMSP_SES_SECRET_ACCESS_KEY", "ses_secret_access_key", _parse_text, "",
+                "AWS secret access key", secret=True, required=True),
+        Setting("SMSP_SES_SESSION_TOKEN", "ses_session_token", _parse_text, "",
+                "AWS session token of temporary credentials", secret=True),
+        Setting("SMSP_SES_CONFIGURATION_SET", "ses_configuration_set", _parse_text, "",
+                "SES configuration set named in every send"),
+        Setting("SMSP_SES_BASE_URL", "ses_base_url", _parse_base_url, None,
+                "SES API base (default https://email.<region>.amazonaws.com)"),
+    )
+    statuses: ClassVar[Mapping[int, Outcome]] = {413: Outcome.REJECTED}
+    codes: ClassVar[Mapping[str, Outcome]] = {
+        "MessageRejected": Outcome.REJECTED,
+        "BadRequestException": Outcome.REJECTED,
+        "MailFromDomainNotVerifiedException": Outcome.NOT_SENT,
+        "AccountSuspendedException": Outcome.NOT_SENT,
+        "SendingPausedException": Outcome.NOT_SENT,
+        "NotFoundException": Outcome.NOT_SENT,
+        "TooManyRequestsException": Outcome.NOT_SENT,
+        "LimitExceededException": Outcome.NOT_SENT,
+    }
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "SESProvider":
+        region = values["ses_region"]
+        base = values["ses_base_url"] or \
+            _parse_base_url(f"https://email.{region}.amazonaws.com")
+        credentials = (values["ses_access_key_id"], values["ses_secret_access_key"],
+                       values["ses_session_token"])
+        return cls(context.http_client(base), base, region, credentials,
+                   values["ses_configuration_set"], context.redact, context.wallclock)
+
+    def __init__(self, client: HTTPClient, base_url: urllib.parse.SplitResult, region: str,
+                 credentials: tuple[str, str, str], configuration_set: str = "",
+                 redact: Callable[[str], str] = str,
+                 wallclock: Callable[[], float] = time.time) -> None:
+        super().__init__(client, redact)
+        self._url = base_url.geturl() + self.path
+        self._region = region
+        self._access_key, self._secret_key, self._token = credentials
+        self._configuration_set = configuration_set
+        self._wallclock = wallclock
+
+    def cannot_carry(self, message: Message) -> str | None:
+        for name, value in message.headers:
+            if not (value.isascii() and len(value) <= 995):
+                return f"SES takes only ASCII header values of at most 995 characters ({name})"
+        pairs = tag_pairs(message)
+        return pairs if isinstance(pairs, str) else None
+
+    def encode(self, message: Message) -> Outgoing:
+        document: dict[str, Any] = {
+            "FromEmailAddress": str(message.sender),
+            "Destination": {k: v for k, v in (("ToAddresses", _addresses(message.to)),
+                                              ("CcAddresses", _addresses(message.cc)),
+                                              ("BccAddresses", _addresses(message.bcc))) if v},
+            "Content": {"Simple": self._simple(message)}}
+        if message.reply_to is not None:
+            document["ReplyToAddresses"] = [str(message.reply_to)]
+        pairs = tag_pairs(message)
+        if pairs and not isinstance(pairs, str):
+            document["EmailTags"] = [{"Name": n, "Value": v} for n, v in pairs]
+        if self._configuration_set:
+            document["ConfigurationSetName"] = self._configuration_set
+        return Outgoing(self.path, {"Content-Type": "application/json"},
+                        json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+    @staticmethod
+    def _simple(message: Message) -> dict[str, Any]:
+        body = {}
+        if message.text or not message.html:
+            body["Text"] = {"Data": message.text, "Charset": "UTF-8"}
+        if message.html:
+            body["Html"] = {"Data": message.html, "Charset": "UTF-8"}
+        simple: dict[str, Any] = {"Subject": {"Data": message.subject, "Charset": "UTF-8"},
+                                  "Body": body}
+        if message.headers:
+            simple["Headers"] = [{"Name": n, "Value": v} for n, v in message.headers]
+        if message.attachments:
+            simple["Attachments"] = [
+                {"RawContent": _b64(a.content), "FileName": a.filename,
+                 "ContentType": a.content_type,
+                 "ContentDisposition": "INLINE" if a.content_id else "ATTACHMENT",
+                 **({"ContentId": a.content_id} if a.content_id else {})}
+                for a in message.attachments]
+        return simple
+
+    def sign(self, request: Outgoing) -> None:
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wallclock()))
+        request.headers.update(sigv4_authorization(
+            "POST", self._url, request.headers, request.body, region=self._region,
+            service="ses", access_key=self._access_key, secret_key=self._secret_key,
+            session_token=self._token or None, amz_date=amz_date, signed=["Content-Type"]))
+
+    def error_code(self, reply: Reply) -> str | None:
+        kind = reply.headers.get("x-amzn-errortype", "").partition(":")[0]
+        if not kind:
+            document = json_document(reply)
+            if isinstance(document, dict):
+                kind = str(document.get("__type") or document.get("code") or "")
+        return kind.rpartition("#")[2] or None
+
+    def error_text(self, reply: Reply) -> str:
+        document = json_document(reply)
+        if isinstance(document, dict):
+            text = document.get("message") or document.get("Message")
+            if isinstance(text, str):
+                return f"{self.error_code(reply) or 'error'}: {text}"
+        return super().error_text(reply)
+
+    def receipt(self, reply: Reply) -> Receipt:
+        document = json_document(reply)
+        message_id = document.get("MessageId") if isinstance(document, dict) else None
+        if not isinstance(message_id, str):
+            return Receipt(self.name, None, f"HTTP {reply.status} without a MessageId")
+        return Receipt(self.name, message_id)
+
+
+class PostmarkProvider(HTTPProvider):
+    """Postmark ``POST /email``, JSON, ``X-Postmark-Server-Token``.
+
+    Postmark answers most errors with HTTP 422 and an ``ErrorCode``, so a
+    reply is classified by that code (docs/postmark-error-codes.md lists each
+    with its source), then by its HTTP status (429 and 5xx: not sent).
+    """
+
+    name = "postmark"
+    path = "/email"
+    settings = (
+        Setting("SMSP_PM_SERVER_TOKEN", "pm_server_token", _parse_text, "",
+                "Postmark server token", secret=True, required=True),
+        Setting("SMSP_PM_BASE_URL", "pm_base_url", _parse_base_url,
+                _parse_base_url("https://api.postmarkapp.com"), "Postmark API base"),
+        Setting("SMSP_PM_MESSAGE_STREAM", "pm_message_stream", _parse_text, "outbound",
+                "Postmark message stream"),
+    )
+    codes: ClassVar[Mapping[str, Outcome]] = {
+        "300": Outcome.REJECTED,  # invalid email request
+        "406": Outcome.REJECTED,  # inactive recipient (bounced or complained)
+        "411": Outcome.REJECTED,  # forbidden attachment type
+        "10": Outcome.NOT_SENT,  # bad or missing server token: refuses us
+        "400": Outcome.NOT_SENT,  # sender signature not found
+        "401": Outcome.NOT_SENT,  # sender signature not confirmed
+        "405": Outcome.NOT_SENT,  # not allowed to send (out of credits)
+        "412": Outcome.NOT_SENT,  # account pending
+        "413": Outcome.NOT_SENT,  # account may not send
+        "100": Outcome.NOT_SENT,  # maintenance (HTTP 503)
+    }
+    MAX_BYTES = 10_000_000  # a whole message, attachments included
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "PostmarkProvider":
+        return cls(context.http_client(values["pm_base_url"]), values["pm_server_token"],
+                   values["pm_message_stream"], context.redact)
+
+    def __init__(self, client: HTTPClient, token: str, stream: str = "outbound",
+                 redact: Callable[[str], str] = str) -> None:
+        super().__init__(client, redact)
+        self._token = token
+        self._stream = stream
+
+    def cannot_carry(self, message: Message) -> str | None:
+        if len(message.tags) > 1:
+            return "Postmark takes one tag per message"
+        size = sum(len(a.content) for a in message.attachments) * 4 // 3
+        if size + len(message.text) + len(message.html) > self.MAX_BYTES:
+            return "Postmark takes at most 10 MB per message"
+        return None
+
+    def encode(self, message: Message) -> Outgoing:
+        document: dict[str, Any] = {"From": str(message.sender),
+                                    "To": ", ".join(_addresses(message.to)),
+                                    "Subject": message.subject, "MessageStream": self._stream}
+        optional = (("Cc", ", ".join(_addresses(message.cc))),
+                    ("Bcc", ", ".join(_addresses(message.bcc))),
+                    ("TextBody", message.text or ("" if message.html else " ")),
+                    ("HtmlBody", message.html),
+                    ("ReplyTo", str(message.reply_to) if message.reply_to else ""),
+                    ("Tag", message.tags[0] if message.tags else ""))
+        document.update((k, v) for k, v in optional if v)
+        if message.headers:
+            document["Headers"] = [{"Name": n, "Value": v} for n, v in message.headers]
+        if message.attachments:
+            document["Attachments"] = [
+                {"Name": a.filename, "Content": _b64(a.content), "ContentType": a.content_type,
+                 **({"ContentID": f"cid:{a.content_id}"} if a.content_id else {})}
+                for a in message.attachments]
+        if message.metadata:
+            document["Metadata"] = dict(message.metadata)
+        return Outgoing(self.path, {"X-Postmark-Server-Token": self._token,
+                                    "Accept": "application/json",
+                                    "Content-Type": "application/json"},
+                        json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+    def error_code(self, reply: Reply) -> str | None:
+        document = json_document(reply)
+        code = document.get("ErrorCode") if isinstance(document, dict) else None
+        return str(code) if isinstance(code, int) and code else None
+
+    def error_text(self, reply: Reply) -> str:
+        document = json_document(reply)
+        if isinstance(document, dict) and isinstance(document.get("Message"), str):
+            return f"ErrorCode {document.get('ErrorCode')}: {document['Message']}"
+        return super().error_text(reply)
+
+    def receipt(self, reply: Reply) -> Receipt:
+        document = json_document(reply)
+        message_id = document.get("MessageID") if isinstance(document, dict) else None
+        if not isinstance(message_id, str):
+            return Receipt(self.name, None, f"HTTP {reply.status} without a MessageID")
+        return Receipt(self.name, message_id)
+
+
+class ResendProvider(HTTPProvider):
+    """Resend ``POST /emails``, JSON, ``Bearer`` key; 200 with ``{id}``.
+
+    Resend keeps an ``Idempotency-Key`` for 24 h: the same key and payload
+    answer the first send's id without sending again.  A message with a
+    delivery key (the client sent an Idempotency-Key) carries a key derived
+    from it, so a retry of an attempt whose fate is unknown may be sent to
+    Resend again, and Resend sends it at most once (``resolves_unknown``).
+    """
+
+    name = "resend"
+    path = "/emails"
+    resolves_unknown = True
+    settings = (
+        Setting("SMSP_RESEND_API_KEY", "resend_api_key", _parse_text, "", "Resend API key",
+                secret=True, required=True),
+        Setting("SMSP_RESEND_BASE_URL", "resend_base_url", _parse_base_url,
+                _parse_base_url("https://api.resend.com"), "Resend API base"),
+    )
+    statuses: ClassVar[Mapping[int, Outcome]] = {400: Outcome.REJECTED, 422: Outcome.REJECTED}
+    codes: ClassVar[Mapping[str, Outcome]] = {
+        "concurrent_idempotent_requests": Outcome.UNKNOWN,  # the first is still running
+        "invalid_idempotent_request": Outcome.UNKNOWN,  # a first send with this key exists
+    }
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "ResendProvider":
+        return cls(context.http_client(values["resend_base_url"]), values["resend_api_key"],
+                   context.redact)
+
+    def __init__(self, client: HTTPClient, api_key: str,
+                 redact: Callable[[str], str] = str) -> None:
+        super().__init__(client, redact)
+        self._authorization = f"Bearer {api_key}"
+
+    def cannot_carry(self, message: Message) -> str | None:
+        pairs = tag_pairs(message)
+        return pairs if isinstance(pairs, str) else None
+
+    def encode(self, message: Message) -> Outgoing:
+        document: dict[str, Any] = {"from": str(message.sender), "to": _addresses(message.to),
+                                    "subject": message.subject}
+        optional = (("cc", _addresses(message.cc)), ("bcc", _addresses(message.bcc)),
+                    ("reply_to", _addresses([message.reply_to] if message.reply_to else [])),
+                    ("text", message.text or ("" if message.html else " ")),
+                    ("html", message.html), ("headers", dict(message.headers)))
+        document.update((k, v) for k, v in optional if v)
+        if message.attachments:
+            document["attachments"] = [
+                {"filename": a.filename, "content": _b64(a.content),
+                 "content_type": a.content_type,
+                 **({"content_id": a.content_id} if a.content_id else {})}
+                for a in message.attachments]
+        pairs = tag_pairs(message)
+        if pairs and not isinstance(pairs, str):
+            document["tags"] = [{"name": n, "value": v} for n, v in pairs]
+        headers = {"Authorization": self._authorization, "Accept": "application/json",
+                   "Content-Type": "application/json"}
+        if message.key:
+            headers["Idempotency-Key"] = f"smsp-{message.key}"
+        return Outgoing(self.path, headers,
+                        json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+    def error_code(self, reply: Reply) -> str | None:
+        document = json_document(reply)
+        name = document.get("name") if isinstance(document, dict) else None
+        return name if isinstance(name, str) else None
+
+    def error_text(self, reply: Reply) -> str:
+        document = json_document(reply)
+        if isinstance(document, dict) and isinstance(document.get("message"), str):
+            return f"{document.get('name', 'error')}: {document['message']}"
+        return super().error_text(reply)
+
+    def receipt(self, reply: Reply) -> Receipt:
+        document = json_document(reply)
+        message_id = document.get("id") if isinstance(document, dict) else None
+        if not isinstance(message_id, str):
+            return Receipt(self.name, None, f"HTTP {reply.status} without an id")
+        return Receipt(self.name, message_id)
+
+
 class MockProvider(Provider):
     """The demo and functional-test provider, keyed on the subject.
 
@@ -1659,7 +2007,8 @@ class MockProvider(Provider):
 
 
 PROVIDERS: Mapping[str, type[Provider]] = {
-    "mailgun": MailgunProvider, "sendgrid": SendGridProvider,
+    "mailgun": MailgunProvider, "sendgrid": SendGridProvider, "ses": SESProvider,
+    "postmark": PostmarkProvider, "resend": ResendProvider,
 }
 
 
@@ -1982,6 +2331,10 @@ class Dispatcher:
         self._log = log
         self._metrics = metrics
         self._clock = clock
+
+    def lane(self, provider: str | None) -> Lane | None:
+        """The lane of the provider called ``provider``, if it is configured."""
+        return next((lane for lane in self.lanes if lane.provider.name == provider), None)
 
     def send(self, message: Message, request_id: str | None = None, *,
              before_attempt: Callable[[str], bool] | None = None,
@@ -2634,7 +2987,8 @@ class Application:
         if key is None:
             return self._deliver(message, rid)
         digest = hashlib.sha256(scope + b"\0" + key.encode("ascii")).hexdigest()
-        return self._deliver_once(digest, fingerprint(document), message, rid)
+        return self._deliver_once(digest, fingerprint(document),
+                                  dataclasses.replace(message, key=digest), rid)
 
     def _deliver_once(self, key: str, print_: str, message: Message, rid: str) -> Response:
         try:
@@ -2644,6 +2998,8 @@ class Application:
                                     rid, self._timeout)
         if found.claim is Claim.NEW:
             return self._deliver_claimed(key, found.token, message, rid)
+        if self._resolvable(found):
+            return self._resolve(key, found, message, rid)
         if found.claim is Claim.REPLAY and found.answer is not None:
             return replayed(found.answer)
         if found.claim is Claim.MISMATCH:
@@ -2673,10 +3029,55 @@ class Application:
                 self._log.error("idempotency_store_failed", request_id=rid, phase="settle")
         return response
 
-    def _deliver(self, message: Message, rid: str,
-                 before_attempt: Callable[[str], bool] | None = None) -> Response:
+    def _resolvable(self, found: ClaimResult) -> bool:
+        """Whether an unknown fate can be settled by sending again: the attempt went to a
+        provider that sends a keyed message at most once, and its circuit is closed."""
+        unknown = found.claim is Claim.HOLDER_LOST or (
+            found.claim is Claim.REPLAY and found.answer is not None
+            and found.answer.delivery == Delivery.UNKNOWN.value)
+        lane = self.dispatcher.lane(found.provider or (found.answer.provider
+                                                       if found.answer else None))
+        return unknown and lane is not None and lane.provider.resolves_unknown and \
+            lane.breaker.state is State.CLOSED
+
+    def _resolve(self, key: str, found: ClaimResult, message: Message, rid: str) -> Response:
+        """Send an unknown-fate message again to the provider that dedupes it by key.
+
+        Only that provider is tried (an unknown never fails over).  Whatever
+        happens, the key keeps a final answer: the new one when there is one,
+        else the unknown it had, so a retry never sends elsewhere.
+        """
+        store = self.idempotency
+        provider = found.provider or (found.answer.provider if found.answer else None) or ""
         try:
-            receipt = self.dispatcher.send(message, rid, before_attempt=before_attempt)
+            token = store.takeover(key, found.token, provider)
+        except StoreError:
+            token = None
+        if token is None:
+            return failure_response(DeliveryFailed(Failure.LEASE_LOST, Outcome.NOT_SENT), rid,
+                                    self._timeout)
+        response = self._deliver(message, rid,
+                                 lambda name: store.dispatching(key, token, name), provider)
+        if response.status in STORED_STATUSES:
+            answer = stored_answer(response)
+        elif found.answer is not None:  # not settled: the key keeps the unknown it had
+            answer, response = found.answer, replayed(found.answer)
+        else:
+            response = failure_response(DeliveryFailed(Failure.HOLDER_LOST, Outcome.UNKNOWN,
+                                                       provider=provider), rid, self._timeout)
+            answer = stored_answer(response)
+        try:
+            store.complete(key, token, answer)
+        except StoreError:
+            self._log.error("idempotency_store_failed", request_id=rid, phase="settle")
+        return response
+
+    def _deliver(self, message: Message, rid: str,
+                 before_attempt: Callable[[str], bool] | None = None,
+                 only: str | None = None) -> Response:
+        try:
+            receipt = self.dispatcher.send(message, rid, before_attempt=before_attempt,
+                                           only=only)
         except DeliveryFailed as failure:
             return failure_response(failure, rid, self._timeout)
         except StoreError:

@@ -32,6 +32,9 @@ from typing import Any
 import pytest
 
 import smsp
+from fake_postmark import FakePostmark
+from fake_resend import FakeResend
+from fake_ses import FakeSES
 from fakes import (
     Behaviour,
     CloseWithoutResponse,
@@ -54,6 +57,7 @@ from testkit import (
     SG_KEY,
     Running,
     make_config,
+    peers_config,
     provider_config,
     raw_exchange,
     running,
@@ -269,6 +273,75 @@ CASES = [
 ]
 
 
+def first(name: str, *behaviours: Behaviour, outcome: str, says: str = "",
+          hits: int = 1) -> Any:
+    """``name`` first with Mailgun behind it, doing ``behaviours``; ``outcome`` is
+    "rejected" (422, no trip), "failover" (not sent: trips, Mailgun sends),
+    "unknown" (502), "timeout" (504) or "sent"."""
+    closed = ((name, "closed"), ("mailgun", "closed"))
+    opened = ((name, "open"), ("mailgun", "closed"))
+    rows = {
+        "rejected": {"status": 422, "delivery": "not_sent", "states": closed, "says": says},
+        "failover": {"provider": "mailgun", "mailgun_hits": 1, "states": opened},
+        "unknown": {"status": 502, "delivery": "unknown", "states": opened},
+        "timeout": {"status": 504, "delivery": "unknown", "states": opened},
+        "sent": {"provider": name, "states": closed},
+    }
+    return pytest.param(case(providers=(name, "mailgun"), **{name: behaviours},
+                             **{f"{name}_hits": hits}, **rows[outcome]),
+                        id=f"{name}-{label(behaviours)}-{outcome}")
+
+
+def label(behaviours: tuple[Behaviour, ...]) -> str:
+    """A short test id for a scripted behaviour: its error name or code, or its kind."""
+    if not behaviours:
+        return "ok"
+    behaviour = behaviours[0]
+    body = getattr(behaviour, "body", None)
+    if getattr(behaviour, "name", None):
+        return f"{behaviour.code}-{behaviour.name}"  # type: ignore[attr-defined]
+    if isinstance(body, dict):
+        return f"{behaviour.code}-{body.get('ErrorCode', body.get('name'))}"  # type: ignore
+    return type(behaviour).__name__ if not hasattr(behaviour, "code") else str(behaviour.code)
+
+
+PM = FakePostmark.error
+RS = FakeResend.error
+SES = FakeSES.error
+CASES += [
+    first("postmark", outcome="sent"),
+    *(first("postmark", PM(code), outcome="rejected", says=f"ErrorCode {code}")
+      for code in (300, 406, 411)),
+    *(first("postmark", PM(code), outcome="failover")
+      for code in (10, 100, 400, 401, 405, 412, 413, 429)),
+    first("postmark", Status(500), outcome="failover"),
+    first("postmark", Hang(), outcome="timeout"),
+    first("postmark", ResetBeforeResponse(), outcome="unknown"),
+    first("ses", outcome="sent"),
+    *(first("ses", SES(name), outcome="rejected", says=name)
+      for name in ("MessageRejected", "BadRequestException")),
+    first("ses", SES("MessageRejected", type_in_body=True), outcome="rejected",
+          says="MessageRejected"),
+    *(first("ses", SES(name), outcome="failover")
+      for name in ("MailFromDomainNotVerifiedException", "AccountSuspendedException",
+                   "SendingPausedException", "NotFoundException", "SignatureDoesNotMatch",
+                   "UnrecognizedClientException", "TooManyRequestsException",
+                   "LimitExceededException", "InternalFailure", "ServiceUnavailable")),
+    first("ses", Hang(), outcome="timeout"),
+    first("ses", ResetMidBody(), outcome="unknown"),
+    first("resend", outcome="sent"),
+    *(first("resend", RS(name, status), outcome="rejected", says=name)
+      for name, status in (("validation_error", 400), ("missing_required_field", 422),
+                           ("invalid_attachment", 422), ("invalid_from_address", 422))),
+    *(first("resend", RS(name, status), outcome="failover")
+      for name, status in (("missing_api_key", 401), ("invalid_api_key", 403),
+                           ("validation_error", 403), ("rate_limit_exceeded", 429),
+                           ("daily_quota_exceeded", 429), ("application_error", 500))),
+    first("resend", RS("concurrent_idempotent_requests", 409), outcome="unknown"),
+    first("resend", Hang(), outcome="timeout"),
+]
+
+
 def unreachable(fake: Any, how: str) -> str:
     """A base URL for ``fake`` that cannot be reached in the way named by ``how``."""
     if how == "refuse":
@@ -296,8 +369,8 @@ def test_provider_behaviour(case: Case, fakes: dict[str, Any], mailgun: FakeMail
         fakes[name].script(*behaviours)
     urls = {base_url_field(name): unreachable(fakes[name], how)
             for name, how in case.unreachable}
-    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, providers=case.providers,
-                             **urls)
+    config = peers_config({name: fakes[name] for name in case.providers}, timeout=TIMEOUT,
+                          **urls)
     with running(config) as server:
         status, _, body, elapsed = timed_send(server)
 

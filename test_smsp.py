@@ -79,6 +79,20 @@ GOOD_VALUES = [
     ("SMSP_SG_API_KEY", "SG.x", "sg_api_key", "SG.x"),
     ("SMSP_SG_BASE_URL", "http://127.0.0.1:9", "sg_base_url",
      urllib.parse.urlsplit("http://127.0.0.1:9")),
+    ("SMSP_SES_REGION", "eu-west-1", "ses_region", "eu-west-1"),
+    ("SMSP_SES_ACCESS_KEY_ID", "AKIA1", "ses_access_key_id", "AKIA1"),
+    ("SMSP_SES_SECRET_ACCESS_KEY", "s3cr3t", "ses_secret_access_key", "s3cr3t"),
+    ("SMSP_SES_SESSION_TOKEN", "tok", "ses_session_token", "tok"),
+    ("SMSP_SES_CONFIGURATION_SET", "tracked", "ses_configuration_set", "tracked"),
+    ("SMSP_SES_BASE_URL", "http://127.0.0.1:9", "ses_base_url",
+     urllib.parse.urlsplit("http://127.0.0.1:9")),
+    ("SMSP_PM_SERVER_TOKEN", "pm-t", "pm_server_token", "pm-t"),
+    ("SMSP_PM_BASE_URL", "http://127.0.0.1:9", "pm_base_url",
+     urllib.parse.urlsplit("http://127.0.0.1:9")),
+    ("SMSP_PM_MESSAGE_STREAM", "broadcast", "pm_message_stream", "broadcast"),
+    ("SMSP_RESEND_API_KEY", "re_1", "resend_api_key", "re_1"),
+    ("SMSP_RESEND_BASE_URL", "http://127.0.0.1:9", "resend_base_url",
+     urllib.parse.urlsplit("http://127.0.0.1:9")),
     ("SMSP_POLL_MESSAGE_ADDRESS", "Poll <p@example.com>", "poll_address",
      smsp.Address("p@example.com", "Poll")),
     ("SMSP_TIMEOUT", "0.5", "timeout", 0.5),
@@ -102,8 +116,11 @@ GOOD_VALUES = [
 ]
 
 
-PROVIDERS_ENV = {"SMSP_API_KEY": "k", "SMSP_MG_DOMAIN": "mg.example.com",
-                 "SMSP_MG_API_KEY": "mgk", "SMSP_SG_API_KEY": "SG.k",
+PROVIDERS_ENV = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "mailgun,sendgrid,ses,postmark,resend",
+                 "SMSP_MG_DOMAIN": "mg.example.com", "SMSP_MG_API_KEY": "mgk",
+                 "SMSP_SG_API_KEY": "SG.k", "SMSP_SES_REGION": "us-east-1",
+                 "SMSP_SES_ACCESS_KEY_ID": "AKID", "SMSP_SES_SECRET_ACCESS_KEY": "sek",
+                 "SMSP_PM_SERVER_TOKEN": "pmt", "SMSP_RESEND_API_KEY": "re_k",
                  "SMSP_POLL_MESSAGE_ADDRESS": "p@example.com"}
 
 
@@ -128,6 +145,8 @@ BAD_VALUES = [
     ("SMSP_CLIENT_TIMEOUT", "0"), ("SMSP_SHUTDOWN_GRACE", "-1"), ("SMSP_IDEMPOTENCY_TTL", "0"),
     ("SMSP_IDEMPOTENCY_MAX", "0"), ("SMSP_POOL_SIZE", "-1"), ("SMSP_POOL_IDLE", "0"),
     ("SMSP_WORKERS", "0"), ("SMSP_TLS_CERT", "/nonexistent.pem"),
+    ("SMSP_SES_REGION", "Mars"), ("SMSP_PORT", "65536"),
+    ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/v3"), ("SMSP_PM_BASE_URL", "https://x/?q"),
 ]
 
 

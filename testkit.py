@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,11 @@ from fakes import FakeMailgun, FakeSendGrid
 MG_DOMAIN = "mg.example.com"
 MG_KEY = "key-MAILGUN-SECRET-1234"
 SG_KEY = "SG.SENDGRID-SECRET-5678"
+PM_TOKEN = "pm-POSTMARK-SECRET-4321"
+RS_KEY = "re_RESEND-SECRET-8765"
+SES_REGION = "eu-west-1"
+SES_ACCESS_KEY = "AKIDSMSPTEST"
+SES_SECRET_KEY = "ses-SECRET-ACCESS-KEY-0000"
 API_KEY = "client-API-SECRET-9abc"
 POLL = "poll@smsp.example.com"
 EMAIL = {"fromaddress": "Alice <alice@example.com>", "toaddress": "bob@example.org",
@@ -207,14 +212,31 @@ def running(config: smsp.Config) -> Iterator[Running]:
         server.close()
 
 
-def provider_config(mailgun: FakeMailgun, sendgrid: FakeSendGrid, **overrides: Any
-                    ) -> smsp.Config:
-    values: dict[str, Any] = {"mock": False, "providers": ("mailgun", "sendgrid"),
-                              "mg_domain": MG_DOMAIN, "mg_api_key": MG_KEY,
-                              "mg_base_url": mailgun.url, "sg_api_key": SG_KEY,
-                              "sg_base_url": sendgrid.url}
+# How smsp reaches each strict fake: the settings that point a provider at it.
+PEER_SETTINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "mailgun": lambda fake: {"mg_domain": MG_DOMAIN, "mg_api_key": MG_KEY,
+                             "mg_base_url": fake.url},
+    "sendgrid": lambda fake: {"sg_api_key": SG_KEY, "sg_base_url": fake.url},
+    "ses": lambda fake: {"ses_region": SES_REGION, "ses_access_key_id": SES_ACCESS_KEY,
+                         "ses_secret_access_key": SES_SECRET_KEY, "ses_base_url": fake.url},
+    "postmark": lambda fake: {"pm_server_token": PM_TOKEN, "pm_base_url": fake.url},
+    "resend": lambda fake: {"resend_api_key": RS_KEY, "resend_base_url": fake.url},
+}
+
+
+def peers_config(fakes: Mapping[str, Any], **overrides: Any) -> smsp.Config:
+    """A config whose providers are ``fakes`` (by provider name), in that order unless
+    ``providers`` says otherwise."""
+    values: dict[str, Any] = {"mock": False, "providers": tuple(fakes)}
+    for name, fake in fakes.items():
+        values.update(PEER_SETTINGS[name](fake))
     values.update(overrides)
     return make_config(**values)
+
+
+def provider_config(mailgun: FakeMailgun, sendgrid: FakeSendGrid, **overrides: Any
+                    ) -> smsp.Config:
+    return peers_config({"mailgun": mailgun, "sendgrid": sendgrid}, **overrides)
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
