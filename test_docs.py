@@ -22,3 +22,15 @@ def test_the_table_names_every_variable_smsp_reads_once() -> None:
     rows = settings_table.table().splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == [s.env for s in smsp.all_settings()]
     assert len({s.env for s in smsp.all_settings()}) == len(rows)
+
+
+import provider_tables  # noqa: E402
+
+
+def test_provider_classification_tables_are_generated_from_the_provider_classes() -> None:
+    page = (ROOT / "docs" / "providers.md").read_text()
+    assert provider_tables.BEGIN in page and provider_tables.END in page
+    assert provider_tables.with_tables(page) == page, \
+        "docs/providers.md is stale: run python scripts/provider_tables.py --write"
+    for name in smsp.PROVIDERS:
+        assert f"### {name}\n" in page or name == "smtp"
