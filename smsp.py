@@ -1445,7 +1445,7 @@ class MailgunProvider(HTTPProvider):
     def error_text(self, reply: Reply) -> str:
         document = json_document(reply)
         if isinstance(document, dict) and isinstance(document.get("message"), str):
-            return document["message"]
+            return str(document["message"])
         return super().error_text(reply)
 
     def receipt(self, reply: Reply) -> Receipt:
@@ -3817,8 +3817,8 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        index = children.pop(pid, None)
-        if index is None:
+        index = children.pop(pid, -1)
+        if index < 0:
             continue
         code = os.waitstatus_to_exitcode(status)
         if stopping:
