@@ -10,6 +10,7 @@ from fake_resend import FakeResend
 from fake_ses import FakeSES
 from fakes import FakeMailgun, FakeSendGrid
 from testkit import (
+    API_KEY,
     MG_DOMAIN,
     MG_KEY,
     PM_TOKEN,
@@ -19,6 +20,7 @@ from testkit import (
     SES_SECRET_KEY,
     SG_KEY,
     Running,
+    make_config,
     provider_config,
     running,
 )
@@ -61,6 +63,13 @@ def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid, ses_fake: FakeSES,
     """Every strict fake HTTP provider, by provider name."""
     return {"mailgun": mailgun, "sendgrid": sendgrid, "ses": ses_fake, "postmark": postmark,
             "resend": resend}
+
+
+@pytest.fixture
+def mock() -> Iterator[Running]:
+    """smsp in mock mode with two client keys."""
+    with running(make_config(api_keys=(API_KEY, "rotated-key"))) as server:
+        yield server
 
 
 @pytest.fixture

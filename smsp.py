@@ -2109,7 +2109,7 @@ class CircuitBreaker:
                  clock: Callable[[], float] = time.monotonic,
                  timer: Callable[[float, Callable[[], None]], Any] = start_timer,
                  on_change: Callable[[StateChange], None] | None = None,
-                 on_poll: Callable[[str, bool], None] | None = None,
+                 on_poll: Callable[[str, str | None], None] | None = None,
                  epoch: float | None = None) -> None:
         self.name = name
         self._probe = probe
@@ -2231,7 +2231,7 @@ class CircuitBreaker:
                 self._next_poll_at = self._clock() + self._interval
                 delay = self._interval
         if self._on_poll is not None:
-            self._on_poll(self.name, error is None)
+            self._on_poll(self.name, error)
         if change is not None:
             self._notify(change)
         else:
@@ -3657,8 +3657,13 @@ def _lanes(config: Config, context: ProviderContext, *, log: Logger, metrics: Me
                 provider=change.breaker, **{"from": change.old.value}, to=change.new.value,
                 reason=change.reason)
 
-    def on_poll(name: str, ok: bool) -> None:
-        metrics.inc("smsp_circuit_polls_total", name, "success" if ok else "failure")
+    last_error: dict[str, str | None] = {}  # one breaker polls one at a time
+
+    def on_poll(name: str, error: str | None) -> None:
+        metrics.inc("smsp_circuit_polls_total", name, "failure" if error else "success")
+        if error is not None and last_error.get(name) != error:  # the first, or a change
+            log.warning("poll_failed", provider=name, reason=error)
+        last_error[name] = error
 
     address = config.poll_address or DEFAULT_POLL_ADDRESS
     lanes = []
@@ -3773,7 +3778,12 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
     breakers, as separate nodes have.  Returns the worst worker exit status.
     """
     log = log or Logger(config.log_format, debug=config.log_debug)
-    sock = socket.create_server((config.host, config.port), backlog=1024)
+    try:
+        sock = socket.create_server((config.host, config.port), backlog=1024)
+    except OSError as exc:  # as serve() says it: one line and status 2, no traceback
+        log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
+        log.close()
+        return 2
     children: dict[int, int] = {}
     stopping = False
     restarts: collections.deque[float] = collections.deque(maxlen=10)
@@ -3898,9 +3908,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         config = load_config(os.environ if environ is None else environ)
     except ConfigError as exc:
+        mock = (os.environ if environ is None else environ).get("SMSP_MOCK_EMAIL_SERVICE", "")
+        hint = "" if mock.strip().lower() in _TRUE else (
+            "For a demo without real providers set SMSP_MOCK_EMAIL_SERVICE=true "
+            "(and SMSP_API_KEY).\n")
         print("smsp: invalid configuration:\n" + "".join(f"  - {p}\n" for p in exc.problems)
-              + "For a demo without real providers set SMSP_MOCK_EMAIL_SERVICE=true "
-                "(and SMSP_API_KEY).", file=sys.stderr)
+              + hint, file=sys.stderr, end="")
         return 2
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = dataclasses.replace(config, **overrides)

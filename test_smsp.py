@@ -903,12 +903,6 @@ def test_delay_within_the_timeout_is_fine(mailgun: FakeMailgun, sendgrid: FakeSe
 # -------------------------------------------------------------- the HTTP API ---
 
 
-@pytest.fixture
-def mock() -> Iterator[Running]:
-    with running(make_config(api_keys=(API_KEY, "rotated-key"))) as server:
-        yield server
-
-
 def test_missing_or_wrong_key_is_401_and_rotated_keys_work(mock: Running) -> None:
     assert mock.send(X_API_KEY="nope")[0] == 401
     status, _, body = mock.request("POST", "/email", json.dumps(EMAIL).encode(),

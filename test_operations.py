@@ -1,0 +1,153 @@
+"""What operators see: configuration mistakes caught by name, logs that explain a failed
+send, and answers a browser client can read."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import smsp
+from fakes import FakeMailgun, FakeSendGrid, Status
+from test_smsp import scrape
+from testkit import API_KEY, provider_config, running
+
+SMSP = Path(smsp.__file__).resolve()
+REAL = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "mailgun", "SMSP_MG_DOMAIN": "mg.example.com",
+        "SMSP_MG_API_KEY": "mgk", "SMSP_POLL_MESSAGE_ADDRESS": "p@example.com"}
+MOCK = {"SMSP_API_KEY": "k", "SMSP_MOCK_EMAIL_SERVICE": "true"}
+
+
+# ------------------------------------------------------ configuration checks ---
+
+
+@pytest.mark.parametrize("argv", [["--check-config"], ["--check-config", "--port", "99999"]])
+def test_a_port_out_of_range_exits_2_by_name(argv: list[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**MOCK, "SMSP_PORT": "99999"} if "--port" not in argv else MOCK
+    with pytest.raises(SystemExit) if "--port" in argv else _no_raise() as caught:
+        assert smsp.main(argv, environ=env) == 2
+    if caught is not None:
+        assert caught.value.code == 2  # argparse, with the setting's own parser
+    assert "at most 65535" in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_base_url_with_a_path_is_an_error_naming_the_right_form(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**REAL, "SMSP_MG_BASE_URL": "https://api.eu.mailgun.net/v3"}
+    assert smsp.main(["--check-config"], environ=env) == 2
+    err = capsys.readouterr().err
+    assert "SMSP_MG_BASE_URL must be scheme and host only, like https://api.eu.mailgun.net" in err
+
+
+def test_mock_mode_check_config_says_what_will_really_happen(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert smsp.main(["--check-config"], environ={**MOCK, "SMSP_PROVIDERS": "foo"}) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "SMSP_PROVIDERS=mock (SMSP_MOCK_EMAIL_SERVICE=true: provider settings are ignored)" \
+        in out
+    assert not any(line.startswith("SMSP_MG_") for line in out)
+
+
+def test_a_config_error_in_mock_mode_does_not_suggest_mock_mode(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert smsp.main(["--check-config"], environ={**MOCK, "SMSP_TIMEOUT": "soon"}) == 2
+    err = capsys.readouterr().err
+    assert "SMSP_TIMEOUT must be a number" in err and "SMSP_MOCK_EMAIL_SERVICE" not in err
+    assert smsp.main(["--check-config"], environ={"SMSP_API_KEY": "k"}) == 2
+    assert "set SMSP_MOCK_EMAIL_SERVICE=true" in capsys.readouterr().err
+
+
+def test_help_gives_each_variable_one_readable_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        smsp.main(["--help"], environ={})
+    out = capsys.readouterr().out
+    for row in smsp.all_settings():
+        lines = [line for line in out.splitlines() if line.strip().startswith(row.env + " ")]
+        assert len(lines) == 1, row.env
+    assert "[required]" not in out and "['']" not in out and "''" not in out
+
+
+def test_several_workers_fail_to_start_with_one_line_and_status_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**MOCK, "SMSP_WORKERS": "2", "SMSP_LOG_OUTPUT_FORMAT": "JSON_ONELINE",
+               "SMSP_HOST": "127.0.0.1", "SMSP_PORT": str(port)}
+        done = subprocess.run([sys.executable, str(SMSP)], env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["event"] for line in lines] == ["start_failed"]
+    assert "Address already in use" in lines[0]["error"]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+# ----------------------------------------------------------- logs and alerts ---
+
+
+def test_failover_is_a_warning_naming_both_providers_and_is_counted(
+        proxy: Any, mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(503))
+    status, _, body = proxy.send()
+    assert (status, body["provider"]) == (200, "sendgrid")
+    [event] = proxy.lines.events("failover", at_least=1)
+    assert (event["level"], event["from"], event["to"]) == ("warning", "mailgun", "sendgrid")
+    assert event["request_id"] == proxy.lines.events("access", at_least=1)[0]["request_id"]
+    samples = scrape(proxy)
+    assert samples[("smsp_failovers_total", (("from", "mailgun"), ("to", "sendgrid")))] == 1
+
+
+def test_a_failed_poll_is_logged_at_the_first_failure_and_on_each_change_only(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(500), Status(503), Status(503), Status(503), Status(401))
+    with running(provider_config(mailgun, sendgrid, providers=("mailgun",))) as server:
+        server.send()
+        for _ in range(4):
+            server.timers.fire_next()
+        failed = [(e["level"], e["reason"]) for e in server.lines.events("poll_failed")]
+        assert failed == [("warning", "HTTP 503"), ("warning", "HTTP 401")]
+        assert scrape(server)[("smsp_circuit_polls_total",
+                               (("provider", "mailgun"), ("result", "failure")))] == 4
+
+
+def test_error_access_lines_carry_a_stable_reason(mock: Any) -> None:
+    assert mock.send(X_API_KEY="wrong")[0] == 401
+    assert mock.send({"toaddress": "x@example.com"})[0] == 400
+    assert mock.send({**_email(), "subject": "fail"})[0] == 502
+    reasons = [a.get("reason") for a in mock.lines.events("access", at_least=3)]
+    assert reasons == ["bad_key", "invalid_field", "provider_failed"]
+
+
+def test_a_replayed_answer_says_so_in_the_access_line(mock: Any) -> None:
+    assert mock.send(Idempotency_Key="k-1")[0] == 200
+    assert mock.send(Idempotency_Key="k-1")[0] == 200
+    access = mock.lines.events("access", at_least=2)
+    assert [a.get("replayed") for a in access] == [None, True]
+
+
+def _email() -> dict[str, str]:
+    return {"fromaddress": "a@example.com", "toaddress": "b@example.com", "subject": "s"}
+
+
+# -------------------------------------------------------------- browser use ---
+
+
+def test_cors_exposes_the_headers_a_browser_client_needs_to_read(mock: Any) -> None:
+    status, headers, _ = mock.request("POST", "/email", b"{}", {"X-API-KEY": API_KEY})
+    exposed = {h.strip() for h in headers["access-control-expose-headers"].split(",")}
+    assert {"X-Request-Id", "Retry-After", "Idempotent-Replayed"} <= exposed
+    status, headers, _ = mock.request("OPTIONS", "/email")
+    assert status == 204 and "traceparent" in headers["access-control-allow-headers"]
