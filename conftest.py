@@ -5,7 +5,8 @@ from collections.abc import Iterator
 import pytest
 
 from fakes import FakeMailgun, FakeSendGrid
-from testkit import MG_DOMAIN, MG_KEY, SG_KEY, Running, provider_config, running
+from testkit import (MG_DOMAIN, MG_KEY, SG_KEY, Running, make_certificate, provider_config,
+                     running)
 
 
 @pytest.fixture
@@ -24,3 +25,9 @@ def sendgrid() -> Iterator[FakeSendGrid]:
 def proxy(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> Iterator[Running]:
     with running(provider_config(mailgun, sendgrid)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway certificate and key for 127.0.0.1 (see testkit.make_certificate)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))

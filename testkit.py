@@ -6,12 +6,17 @@ Fixtures live in conftest.py; this module holds plain classes and functions.
 import http.client
 import json
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import smsp
 from fakes import FakeMailgun, FakeSendGrid
@@ -220,3 +225,17 @@ def status_of(raw: bytes) -> int:
         return int(raw.split(b" ", 2)[1])
     found = re.search(rb"Error code: (\d{3})", raw)
     return int(found.group(1)) if found else 0
+
+
+def make_certificate(folder: Path) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1: (cert.pem, key.pem) paths.
+
+    Skips the calling test when there is no openssl command.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a throwaway certificate")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
