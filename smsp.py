@@ -1346,14 +1346,17 @@ class SMTPProvider(Provider):
     shuts the socket); QUIT never changes an outcome already decided.  A
     ProviderError's ``reason`` names the phase and code only; ``detail``
     holds the server's reply text (for a refused recipient, each refused
-    address with its reply).  Thread-safe: nothing is shared between sends.
+    address with its reply).  With ``starttls`` a relay that does not offer
+    STARTTLS is not spoken to in clear: NOT_SENT.  Thread-safe: nothing is
+    shared between sends.
 
     The message is built with ``email.message.EmailMessage``: text/plain,
     text/html, or multipart/alternative for both; inline parts (with a
     ``content_id``) join the HTML (else the text) in a multipart/related;
     other attachments make the whole a multipart/mixed.  Headers are From,
     To, Cc, Reply-To, Subject, Date and a Message-ID made here from the
-    sender's domain (the receipt's ``message_id``), then the custom headers.
+    sender's domain (the receipt's ``message_id``, angle brackets included),
+    then the custom headers.
     Display names are quoted where needed and non-ASCII goes in encoded
     words; the body is 7-bit (quoted-printable or base64), so a relay without
     8BITMIME takes it.  Bcc addresses are RCPT only, never a header.  SMTP has
