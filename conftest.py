@@ -9,6 +9,7 @@ from fake_postmark import FakePostmark
 from fake_resend import FakeResend
 from fake_ses import FakeSES
 from fakes import FakeMailgun, FakeSendGrid
+from smtp_server import FaultPeer, SMTPServer
 from testkit import (
     API_KEY,
     MG_DOMAIN,
@@ -20,6 +21,7 @@ from testkit import (
     SES_SECRET_KEY,
     SG_KEY,
     Running,
+    make_certificate,
     make_config,
     provider_config,
     running,
@@ -58,11 +60,18 @@ def resend() -> Iterator[FakeResend]:
 
 
 @pytest.fixture
+def relay() -> Iterator[FaultPeer]:
+    """A real SMTP relay (aiosmtpd, AUTH required, no TLS), as the fault table sees a fake."""
+    with SMTPServer(security="none") as server:
+        yield FaultPeer(server)
+
+
+@pytest.fixture
 def fakes(mailgun: FakeMailgun, sendgrid: FakeSendGrid, ses_fake: FakeSES,
-          postmark: FakePostmark, resend: FakeResend) -> dict[str, Any]:
-    """Every strict fake HTTP provider, by provider name."""
+          postmark: FakePostmark, resend: FakeResend, relay: FaultPeer) -> dict[str, Any]:
+    """Every provider's peer, by provider name: strict fakes, and a real SMTP server."""
     return {"mailgun": mailgun, "sendgrid": sendgrid, "ses": ses_fake, "postmark": postmark,
-            "resend": resend}
+            "resend": resend, "smtp": relay}
 
 
 @pytest.fixture
@@ -76,3 +85,9 @@ def mock() -> Iterator[Running]:
 def proxy(mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> Iterator[Running]:
     with running(provider_config(mailgun, sendgrid)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway certificate and key for 127.0.0.1 (see testkit.make_certificate)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))

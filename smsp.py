@@ -21,7 +21,7 @@ How the module reads, top to bottom (each section uses only what sits above):
 constants; errors and outcomes; threads and deadlines (the watchdog: deadlines
 without per-read syscalls); addresses; configuration; logging; messages and
 validation; metrics; the HTTP client (a connection pool); providers (Mailgun,
-SendGrid, mock); the circuit breaker; the dispatcher (failover); idempotency;
+SendGrid, SMTP, mock); the circuit breaker; the dispatcher (failover); idempotency;
 HTTP messages (the lean parser); the HTTP application (routes and responses,
 no sockets); the HTTP handler and server; and finally workers and ``main()``.
 
@@ -36,7 +36,12 @@ import base64
 import bisect
 import collections
 import dataclasses
+import email.headerregistry
+import email.message
+import email.policy
+import email.utils
 import enum
+import functools
 import hashlib
 import heapq
 import hmac
@@ -49,6 +54,7 @@ import os
 import re
 import select
 import signal
+import smtplib
 import socket
 import ssl
 import sys
@@ -425,6 +431,15 @@ def _parse_base_url(text: str) -> urllib.parse.SplitResult:
     except ValueError:
         raise ValueError("has an invalid port") from None
     return url._replace(path="")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+    return parse
 
 
 def _parse_log_format(text: str) -> str:
@@ -1305,6 +1320,11 @@ class Provider:
     def from_settings(cls, values: Mapping[str, Any], context: ProviderContext) -> "Provider":
         raise NotImplementedError
 
+    @classmethod
+    def problems(cls, values: Mapping[str, Any]) -> list[str]:
+        """What is wrong across this provider's settings (each parsed fine alone)."""
+        return []
+
     def send(self, message: Message, deadline: float) -> Receipt:
         raise NotImplementedError
 
@@ -1972,6 +1992,333 @@ class ResendProvider(HTTPProvider):
         if not isinstance(message_id, str):
             return Receipt(self.name, None, f"HTTP {reply.status} without an id")
         return Receipt(self.name, message_id)
+class SMTPProvider(Provider):
+    """Any SMTP submission relay, through ``smtplib``, one connection per message.
+
+    ``send`` drives the phases itself (connect, EHLO, STARTTLS and EHLO again,
+    AUTH when a username is set, MAIL, one RCPT per recipient, DATA, the body,
+    the final dot) so that each failure is classified by its phase and reply
+    code with CLASSIFICATION, read by ``classify``.  Only what happens after
+    the whole message and its final dot were written can be UNKNOWN.  The
+    whole exchange, QUIT included, is bounded by the deadline (the watchdog
+    shuts the socket); QUIT never changes an outcome already decided.  A
+    ProviderError's ``reason`` names the phase and code only; ``detail``
+    holds the server's reply text (for a refused recipient, each refused
+    address with its reply).  With ``starttls`` a relay that does not offer
+    STARTTLS is not spoken to in clear: NOT_SENT.  Thread-safe: nothing is
+    shared between sends.
+
+    The message is built with ``email.message.EmailMessage``: text/plain,
+    text/html, or multipart/alternative for both; inline parts (with a
+    ``content_id``) join the HTML (else the text) in a multipart/related;
+    other attachments make the whole a multipart/mixed.  Headers are From,
+    To, Cc, Reply-To, Subject, Date and a Message-ID made here from the
+    sender's domain (the receipt's ``message_id``, angle brackets included),
+    then the custom headers.
+    Display names are quoted where needed and non-ASCII goes in encoded
+    words; the body is 7-bit (quoted-printable or base64), so a relay without
+    8BITMIME takes it.  Bcc addresses are RCPT only, never a header.  SMTP has
+    no standard for tags and metadata; they go as the X-headers that
+    Mailgun's and SendGrid's SMTP interfaces read in the same spirit: one
+    ``X-Tag`` header per tag, and all metadata as one JSON object in
+    ``X-Metadata`` (any key survives, where ``X-Metadata-<key>`` would need
+    every key to be a header name).
+    """
+
+    name = "smtp"
+    settings = (
+        Setting("SMSP_SMTP_HOST", "smtp_host", _parse_text, "", "SMTP relay host",
+                required=True),
+        Setting("SMSP_SMTP_PORT", "smtp_port", _number(int, 1, 65535), 587,
+                "SMTP relay port (465 for implicit TLS)"),
+        Setting("SMSP_SMTP_SECURITY", "smtp_security", _choice("starttls", "tls", "none"),
+                "starttls", "starttls, tls (implicit, port 465) or none (a private relay only)"),
+        Setting("SMSP_SMTP_USERNAME", "smtp_username", _parse_text, "",
+                "SMTP AUTH user (with SMSP_SMTP_PASSWORD)"),
+        Setting("SMSP_SMTP_PASSWORD", "smtp_password", _parse_text, "", "SMTP AUTH password",
+                secret=True),
+        Setting("SMSP_SMTP_HELO", "smtp_helo", _parse_text, "",
+                "name to greet the relay with (default: this host's FQDN)"),
+    )
+
+    @classmethod
+    def problems(cls, values: Mapping[str, Any]) -> list[str]:
+        if bool(values["smtp_username"]) != bool(values["smtp_password"]):
+            return ["SMSP_SMTP_USERNAME and SMSP_SMTP_PASSWORD must be set together"]
+        return []
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
+                      ) -> "SMTPProvider":
+        return cls(values["smtp_host"], values["smtp_port"], values["smtp_security"],
+                   values["smtp_username"], values["smtp_password"], values["smtp_helo"],
+                   watchdog=context.watchdog, clock=context.clock)
+
+    # (phase, reply) -> outcome; None means the phase went well, go on.  A
+    # reply is looked up by its code, then its class ("4xx"); "*" is any other
+    # reply and also no reply at all (refused, reset, closed, timed out).
+    CLASSIFICATION: ClassVar[dict[tuple[str, str], Outcome | None]] = {
+        ("connect", "220"): None,
+        ("connect", "*"): Outcome.NOT_SENT,  # refused, DNS, TLS, a 421 or 554 greeting
+        ("EHLO", "2xx"): None,
+        ("EHLO", "*"): Outcome.NOT_SENT,
+        ("STARTTLS", "220"): None,
+        ("STARTTLS", "*"): Outcome.NOT_SENT,  # not offered, 454, a failed handshake
+        ("AUTH", "2xx"): None,
+        ("AUTH", "535"): Outcome.NOT_SENT,  # RFC 4954 §6: bad credentials; it refuses us
+        ("AUTH", "530"): Outcome.NOT_SENT,  # authentication required
+        ("AUTH", "534"): Outcome.NOT_SENT,  # mechanism too weak
+        ("AUTH", "538"): Outcome.NOT_SENT,  # encryption required
+        ("AUTH", "454"): Outcome.NOT_SENT,  # temporary authentication failure
+        ("AUTH", "*"): Outcome.NOT_SENT,
+        ("MAIL", "2xx"): None,
+        ("MAIL", "4xx"): Outcome.NOT_SENT,
+        ("MAIL", "530"): Outcome.NOT_SENT,  # RFC 4954 §6: AUTH required, so it refuses us
+        ("MAIL", "5xx"): Outcome.REJECTED,  # RSET; the sender or the size is refused
+        ("MAIL", "*"): Outcome.NOT_SENT,
+        ("RCPT", "2xx"): None,
+        ("RCPT", "4xx"): Outcome.NOT_SENT,
+        ("RCPT", "530"): Outcome.NOT_SENT,
+        ("RCPT", "5xx"): Outcome.REJECTED,  # RSET; the detail names the refused recipients
+        ("RCPT", "*"): Outcome.NOT_SENT,
+        ("DATA", "354"): None,
+        ("DATA", "*"): Outcome.NOT_SENT,  # 4xx, 503, 554: no transaction began
+        ("body", "*"): Outcome.NOT_SENT,  # the final dot never left, so nothing was accepted
+        ("final dot", "2xx"): Outcome.SENT,
+        ("final dot", "4xx"): Outcome.NOT_SENT,  # RFC 5321 §4.2.5: it must not deliver it
+        ("final dot", "5xx"): Outcome.REJECTED,
+        ("final dot", "*"): Outcome.UNKNOWN,  # §4.5.3.2.6: it may have been accepted
+    }
+
+    # What a failure without a reply is called, first match wins.
+    _NO_REPLY: ClassVar[tuple[tuple[type[Exception], str], ...]] = (
+        (smtplib.SMTPNotSupportedError, "not offered"),
+        (smtplib.SMTPServerDisconnected, "connection lost"),
+        (smtplib.SMTPResponseException, "garbled reply"),  # smtplib's 500, connection closed
+        (smtplib.SMTPException, "no usable mechanism"),  # login found none it speaks
+        (ssl.SSLError, "TLS handshake failed"),
+        (ConnectionRefusedError, "connection refused"),
+        (socket.gaierror, "host not found"),
+        (ValueError, "not encodable"),  # a non-ASCII login, which smtplib cannot send
+        (OSError, "connection lost"),
+    )
+
+    # 7-bit bodies: no 8BITMIME needed.  CRLF line ends and 78-column folding.
+    POLICY = email.policy.SMTP.clone(cte_type="7bit")
+
+    def __init__(self, host: str, port: int = 587, security: str = "starttls",
+                 username: str = "", password: str = "", helo: str = "", *,
+                 watchdog: Watchdog, clock: Callable[[], float] = time.monotonic,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        if security not in ("starttls", "tls", "none"):
+            raise ValueError(f"security must be starttls, tls or none, not {security!r}")
+        self.host = host
+        self.port = port
+        self.security = security
+        self._username = username
+        self._password = password
+        self._helo = helo
+        self._watchdog = watchdog
+        self._clock = clock
+        self._context = ssl_context or ssl.create_default_context()
+
+    @property
+    def helo(self) -> str:
+        """The name we greet with: the setting, else this host's FQDN (looked up once)."""
+        if not self._helo:
+            self._helo = socket.getfqdn()  # two threads may both look: same answer
+        return self._helo
+
+    @classmethod
+    def classify(cls, phase: str, code: int | None) -> Outcome | None:
+        """The outcome of ``code`` (None: no reply) at ``phase``; None means go on."""
+        keys = [] if code is None else [str(code), f"{code // 100}xx"]
+        for key in [*keys, "*"]:
+            if (phase, key) in cls.CLASSIFICATION:
+                return cls.CLASSIFICATION[(phase, key)]
+        raise KeyError(phase)
+
+    def compose(self, message: Message) -> email.message.EmailMessage:
+        """The message as the relay gets it (Bcc left out), with a fresh Message-ID."""
+        mail = email.message.EmailMessage(policy=self.POLICY)
+        mail["From"] = _mail_address(message.sender)
+        mail["To"] = [_mail_address(a) for a in message.to]
+        if message.cc:
+            mail["Cc"] = [_mail_address(a) for a in message.cc]
+        if message.reply_to:
+            mail["Reply-To"] = _mail_address(message.reply_to)
+        if message.subject:
+            mail["Subject"] = message.subject
+        mail["Date"] = email.utils.formatdate(localtime=True)
+        mail["Message-ID"] = email.utils.make_msgid(domain=message.sender.email.rpartition("@")[2])
+        for name, value in message.headers:
+            mail[name] = value
+        for tag in message.tags:
+            mail["X-Tag"] = tag
+        if message.metadata:
+            mail["X-Metadata"] = json.dumps(dict(message.metadata))  # its spaces fold
+        _set_mime_body(mail, message)
+        return mail
+
+    def send(self, message: Message, deadline: float) -> Receipt:
+        mail = self.compose(message)
+        data = re.sub(rb"(?m)^\.", b"..", mail.as_bytes())  # RFC 5321 §4.5.2
+        data += (b"" if data.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise ProviderError(Outcome.NOT_SENT, "timed out at connect", timed_out=True)
+        conn = (smtplib.SMTP_SSL(local_hostname=self.helo, timeout=remaining,
+                                 context=self._context) if self.security == "tls"
+                else smtplib.SMTP(local_hostname=self.helo, timeout=remaining))
+        # smtplib keeps the name to check the certificate against in _host, and
+        # only its constructor sets it, by connecting before we could watch.
+        conn._host = self.host  # type: ignore[attr-defined]
+        attempt = Deadline(deadline, conn)
+        self._watchdog.watch(attempt)  # before connecting: it bounds the greeting too
+        try:
+            self._open(conn, attempt)
+            self._envelope(conn, attempt, message, len(data))
+            self._expect("DATA", conn, attempt, lambda: conn.docmd("DATA"))
+            self._write(conn, attempt, data)
+            self._expect("final dot", conn, attempt, conn.getreply)
+        finally:
+            _quit(conn)
+            attempt.finish()
+        return Receipt(self.name, str(mail["Message-ID"]))
+
+    def _open(self, conn: smtplib.SMTP, attempt: Deadline) -> None:
+        self._expect("connect", conn, attempt, lambda: conn.connect(self.host, self.port))
+        self._expect("EHLO", conn, attempt, lambda: conn.ehlo(self.helo))
+        if self.security == "starttls":
+            self._expect("STARTTLS", conn, attempt, lambda: conn.starttls(context=self._context))
+            self._expect("EHLO", conn, attempt, lambda: conn.ehlo(self.helo))
+        if self._username:
+            self._expect("AUTH", conn, attempt,
+                         lambda: conn.login(self._username, self._password))
+
+    def _envelope(self, conn: smtplib.SMTP, attempt: Deadline, message: Message,
+                  size: int) -> None:
+        """MAIL and every RCPT; a 5xx is answered with RSET and raised as REJECTED."""
+        options = [f"SIZE={size}"] if conn.has_extn("size") else []
+        code, text = self._reply("MAIL", conn, attempt,
+                                 lambda: conn.mail(message.sender.email, options))
+        outcome = self.classify("MAIL", code)
+        if outcome is not None:
+            raise self._refused(conn, outcome, f"SMTP {code} at MAIL", text)
+        refused: list[tuple[int, str]] = []
+        failed: list[tuple[int, str]] = []
+        for address in message.recipients:
+            code, text = self._reply("RCPT", conn, attempt,
+                                     functools.partial(conn.rcpt, address.email))
+            outcome = self.classify("RCPT", code)
+            if outcome is Outcome.REJECTED:
+                refused.append((code, f"{address.email}: {code} {text}"))
+            elif outcome is not None:
+                failed.append((code, text))
+        # A refused address is refused by every provider: that answer wins over
+        # another recipient's 4xx, and the client learns which addresses to fix.
+        if refused:
+            raise self._refused(conn, Outcome.REJECTED, f"SMTP {refused[0][0]} at RCPT",
+                                "; ".join(line for _, line in refused))
+        if failed:
+            raise self._refused(conn, Outcome.NOT_SENT, f"SMTP {failed[0][0]} at RCPT",
+                                failed[0][1])
+
+    @staticmethod
+    def _refused(conn: smtplib.SMTP, outcome: Outcome, reason: str, detail: str
+                 ) -> ProviderError:
+        if outcome is Outcome.REJECTED:
+            try:
+                conn.rset()  # end the transaction before QUIT, as RFC 5321 §4.1.1.5 has it
+            except (OSError, ValueError):
+                pass
+        return ProviderError(outcome, reason, detail=detail[:MAX_PROVIDER_MESSAGE])
+
+    def _write(self, conn: smtplib.SMTP, attempt: Deadline, data: bytes) -> None:
+        try:
+            conn.send(data)
+        except (OSError, ValueError) as exc:
+            raise self._no_reply("body", conn, attempt, exc) from None
+
+    def _expect(self, phase: str, conn: smtplib.SMTP, attempt: Deadline,
+                action: Callable[[], tuple[int, bytes]]) -> None:
+        code, text = self._reply(phase, conn, attempt, action)
+        outcome = self.classify(phase, code)
+        if outcome is not None and outcome is not Outcome.SENT:
+            raise ProviderError(outcome, f"SMTP {code} {self._where(phase)}",
+                                detail=text[:MAX_PROVIDER_MESSAGE])
+
+    def _reply(self, phase: str, conn: smtplib.SMTP, attempt: Deadline,
+               action: Callable[[], tuple[int, bytes]]) -> tuple[int, str]:
+        """Run one command: its reply code and text, or a ProviderError if none came."""
+        reply: bytes | str
+        try:
+            code, reply = action()
+        except smtplib.SMTPResponseException as exc:
+            if conn.sock is None:  # smtplib's own 500 for a garbled reply: no answer
+                raise self._no_reply(phase, conn, attempt, exc) from None
+            code, reply = exc.smtp_code, exc.smtp_error
+        except (OSError, ValueError) as exc:  # SMTPException is an OSError
+            raise self._no_reply(phase, conn, attempt, exc) from None
+        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+        return code, " ".join(text.split())
+
+    def _no_reply(self, phase: str, conn: smtplib.SMTP, attempt: Deadline,
+                  exc: Exception) -> ProviderError:
+        """No reply came; a broken or half-TLS connection is closed, so it gets no QUIT."""
+        if isinstance(exc, smtplib.SMTPServerDisconnected) or \
+                not isinstance(exc, (smtplib.SMTPException, ValueError)):
+            conn.close()
+        timed_out = (attempt.expired or isinstance(exc, TimeoutError)
+                     or isinstance(exc.__context__, TimeoutError)  # smtplib wraps it
+                     or self._clock() >= (attempt.deadline or 0.0))
+        what = "timed out" if timed_out else \
+            next(name for kind, name in self._NO_REPLY if isinstance(exc, kind))
+        outcome = self.classify(phase, None)
+        assert outcome is not None  # every phase has a "*" row that is an outcome
+        return ProviderError(outcome, f"{what} {self._where(phase)}", timed_out=timed_out)
+
+    @staticmethod
+    def _where(phase: str) -> str:
+        return {"body": "while writing the body",
+                "final dot": "after the final dot"}.get(phase, f"at {phase}")
+
+
+def _mail_address(address: Address) -> email.headerregistry.Address:
+    return email.headerregistry.Address(address.name, addr_spec=address.email)
+
+
+def _set_mime_body(mail: email.message.EmailMessage, message: Message) -> None:
+    """Text and HTML as alternatives, inline parts related to the HTML, then attachments."""
+    if message.html and message.text:
+        mail.set_content(message.text)
+        mail.add_alternative(message.html, subtype="html")
+        root = list(mail.iter_parts())[-1]
+    else:
+        mail.set_content(message.html or message.text, subtype="html" if message.html else "plain")
+        root = mail
+    inline = [item for item in message.attachments if item.content_id]
+    for item in inline:
+        maintype, _, subtype = item.content_type.partition("/")
+        root.add_related(item.content, maintype, subtype, disposition="inline",
+                         filename=item.filename, cid=f"<{item.content_id.strip('<>')}>")
+    if inline:
+        root.set_param("type", next(root.iter_parts()).get_content_type())  # RFC 2387
+    for item in message.attachments:
+        if not item.content_id:
+            maintype, _, subtype = item.content_type.partition("/")
+            mail.add_attachment(item.content, maintype, subtype, filename=item.filename)
+
+
+def _quit(conn: smtplib.SMTP) -> None:
+    """Say goodbye if the connection is still up; whatever happens, close it."""
+    try:
+        if conn.sock is not None:
+            conn.quit()
+    except (OSError, ValueError):
+        pass
+    finally:
+        conn.close()
 
 
 class MockProvider(Provider):
@@ -2008,7 +2355,7 @@ class MockProvider(Provider):
 
 PROVIDERS: Mapping[str, type[Provider]] = {
     "mailgun": MailgunProvider, "sendgrid": SendGridProvider, "ses": SESProvider,
-    "postmark": PostmarkProvider, "resend": ResendProvider,
+    "postmark": PostmarkProvider, "resend": ResendProvider, "smtp": SMTPProvider,
 }
 
 
@@ -2031,8 +2378,9 @@ def load_config(env: Mapping[str, str]) -> Config:
             provider_settings[name] = {row.field: row.default for row in cls.settings}
             continue
         own = provider_settings[name] = parse_settings(cls.settings, env, problems)
-        problems += [f"{row.env} is required for provider {name}" for row in cls.settings
-                     if row.required and not own[row.field]]
+        missing = [f"{row.env} is required for provider {name}" for row in cls.settings
+                   if row.required and not own[row.field]]
+        problems += missing or cls.problems(own)
     config = Config(**values, provider_settings=provider_settings)
     problems += config.problems()
     if problems:

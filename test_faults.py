@@ -298,6 +298,9 @@ def label(behaviours: tuple[Behaviour, ...]) -> str:
         return "ok"
     behaviour = behaviours[0]
     body = getattr(behaviour, "body", None)
+    if isinstance(behaviour, dict):  # an SMTP phase and its reply
+        phase, reply = next(iter(behaviour.items()))
+        return f"{phase.replace(' ', '-')}-{reply.split(' ')[0]}"
     if getattr(behaviour, "name", None):
         return f"{behaviour.code}-{behaviour.name}"  # type: ignore[attr-defined]
     if isinstance(body, dict):
@@ -339,6 +342,20 @@ CASES += [
                            ("daily_quota_exceeded", 429), ("application_error", 500))),
     first("resend", RS("concurrent_idempotent_requests", 409), outcome="unknown"),
     first("resend", Hang(), outcome="timeout"),
+    first("smtp", outcome="sent"),
+    first("smtp", {"AUTH": "535 5.7.8 Authentication credentials invalid"}, outcome="failover",
+          hits=0),
+    first("smtp", {"AUTH": "454 4.7.0 Temporary authentication failure"}, outcome="failover",
+          hits=0),
+    first("smtp", {"MAIL": "451 4.3.0 Try again later"}, outcome="failover"),
+    first("smtp", {"RCPT": "452 4.2.2 Mailbox full"}, outcome="failover"),
+    first("smtp", {"RCPT": "550 5.1.1 No such user here"}, outcome="rejected",
+          says="550 5.1.1 No such user here"),
+    first("smtp", {"DATA": "554 5.3.0 No transaction"}, outcome="failover"),
+    first("smtp", {"final dot": "451 4.3.0 Queue full"}, outcome="failover"),
+    first("smtp", {"final dot": "554 5.6.0 Message refused"}, outcome="rejected",
+          says="5.6.0 Message refused"),
+    first("smtp", {"final dot": "hang"}, outcome="timeout"),
 ]
 
 

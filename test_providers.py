@@ -7,9 +7,7 @@ from and to.  The tests here hold every provider to the same contract.
 import base64
 import dataclasses
 import email.utils
-import json
 import time
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -19,47 +17,56 @@ import smsp
 from fake_postmark import FakePostmark
 from fake_resend import FakeResend, Hold, SendThenReset
 from fake_ses import FakeSES
-from fakes import FakeMailgun, FakeSendGrid, Hang, ResetBeforeResponse, Status
-from testkit import peers_config, provider_config, running, wait_for
+from fakes import FakeMailgun, Hang, ResetBeforeResponse, Status
+from testkit import peers_config, running, wait_for
 
 POLL_NAMED = "Poll Box <poll@smsp.example.com>"
 
 
-def _mailgun_parties(body: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    fields = urllib.parse.parse_qs(body.decode(), strict_parsing=True, keep_blank_values=True)
-    return email.utils.getaddresses(fields["from"]), email.utils.getaddresses(fields["to"])
+Parties = list[tuple[str, str]]
 
 
-def _sendgrid_parties(body: bytes) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    document = json.loads(body)
+def _pairs(*texts: str) -> Parties:
+    return email.utils.getaddresses(list(texts))
 
+
+def _sendgrid(sent: Any) -> tuple[Parties, Parties]:
     def pair(party: dict[str, str]) -> tuple[str, str]:
         return party.get("name", ""), party["email"]
-    to = [pair(p) for p in document["personalizations"][0]["to"]]
-    return [pair(document["from"])], to
+    return [pair(sent["from"])], [pair(p) for p in sent["personalizations"][0]["to"]]
 
 
-PARTIES: dict[str, Callable[[bytes], tuple[list[tuple[str, str]], list[tuple[str, str]]]]] = {
-    "mailgun": _mailgun_parties,
-    "sendgrid": _sendgrid_parties,
+# Who the last message a peer accepted was from and to, as (name, address) pairs.
+PARTIES: dict[str, Callable[[Any], tuple[Parties, Parties]]] = {
+    "mailgun": lambda sent: (_pairs(*sent["from"]), _pairs(*sent["to"])),
+    "sendgrid": _sendgrid,
+    "ses": lambda sent: (_pairs(sent["FromEmailAddress"]),
+                         _pairs(*sent["Destination"]["ToAddresses"])),
+    "postmark": lambda sent: (_pairs(sent["From"]), _pairs(sent["To"])),
+    "resend": lambda sent: (_pairs(sent["from"]), _pairs(*sent["to"])),
+    "smtp": lambda sent: (_pairs(str(sent.message["From"])), _pairs(str(sent.message["To"]))),
 }
+
+
+def test_every_provider_has_a_row_here() -> None:
+    assert set(PARTIES) == set(smsp.PROVIDERS)
 
 
 @pytest.mark.parametrize("provider", sorted(PARTIES))
 def test_poll_message_is_built_from_the_parsed_poll_address(
-        provider: str, fakes: dict[str, Any], mailgun: FakeMailgun,
-        sendgrid: FakeSendGrid) -> None:
-    fake = fakes[provider]
-    fake.script(Status(500))
-    config = provider_config(mailgun, sendgrid, providers=(provider,), poll_address=POLL_NAMED)
+        provider: str, fakes: dict[str, Any]) -> None:
+    peer = fakes[provider]
+    peer.script({"final dot": "451 4.3.0 busy"} if provider == "smtp" else Status(500))
+    config = peers_config({provider: peer}, poll_address=POLL_NAMED)
     with running(config) as server:
         server.send()
         assert server.states() == {provider: "open"}
+        if provider == "smtp":
+            peer.server.script.clear()
         server.timers.fire_next()
-        poll = fake.requests[-1]
-        assert poll.status is not None and 200 <= poll.status < 300, poll.status  # accepted
         assert server.states() == {provider: "closed"}
-    sender, to = PARTIES[provider](poll.body)
+        assert len(peer.accepted) == 1  # the poll, accepted by the strict peer
+    sender, to = PARTIES[provider](peer.accepted[-1])
     assert sender == to == [("Poll Box", "poll@smsp.example.com")]
 
 

@@ -93,6 +93,12 @@ GOOD_VALUES = [
     ("SMSP_RESEND_API_KEY", "re_1", "resend_api_key", "re_1"),
     ("SMSP_RESEND_BASE_URL", "http://127.0.0.1:9", "resend_base_url",
      urllib.parse.urlsplit("http://127.0.0.1:9")),
+    ("SMSP_SMTP_HOST", "smtp.example.com", "smtp_host", "smtp.example.com"),
+    ("SMSP_SMTP_PORT", "465", "smtp_port", 465),
+    ("SMSP_SMTP_SECURITY", "TLS", "smtp_security", "tls"),
+    ("SMSP_SMTP_USERNAME", "u", "smtp_username", "u"),
+    ("SMSP_SMTP_PASSWORD", "p", "smtp_password", "p"),
+    ("SMSP_SMTP_HELO", "mx.example.com", "smtp_helo", "mx.example.com"),
     ("SMSP_POLL_MESSAGE_ADDRESS", "Poll <p@example.com>", "poll_address",
      smsp.Address("p@example.com", "Poll")),
     ("SMSP_TIMEOUT", "0.5", "timeout", 0.5),
@@ -116,11 +122,13 @@ GOOD_VALUES = [
 ]
 
 
-PROVIDERS_ENV = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "mailgun,sendgrid,ses,postmark,resend",
+PROVIDERS_ENV = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "mailgun,sendgrid,ses,postmark,resend,smtp",
                  "SMSP_MG_DOMAIN": "mg.example.com", "SMSP_MG_API_KEY": "mgk",
                  "SMSP_SG_API_KEY": "SG.k", "SMSP_SES_REGION": "us-east-1",
                  "SMSP_SES_ACCESS_KEY_ID": "AKID", "SMSP_SES_SECRET_ACCESS_KEY": "sek",
                  "SMSP_PM_SERVER_TOKEN": "pmt", "SMSP_RESEND_API_KEY": "re_k",
+                 "SMSP_SMTP_HOST": "relay.example.com", "SMSP_SMTP_USERNAME": "user",
+                 "SMSP_SMTP_PASSWORD": "pass",
                  "SMSP_POLL_MESSAGE_ADDRESS": "p@example.com"}
 
 
@@ -145,7 +153,8 @@ BAD_VALUES = [
     ("SMSP_CLIENT_TIMEOUT", "0"), ("SMSP_SHUTDOWN_GRACE", "-1"), ("SMSP_IDEMPOTENCY_TTL", "0"),
     ("SMSP_IDEMPOTENCY_MAX", "0"), ("SMSP_POOL_SIZE", "-1"), ("SMSP_POOL_IDLE", "0"),
     ("SMSP_WORKERS", "0"), ("SMSP_TLS_CERT", "/nonexistent.pem"),
-    ("SMSP_SES_REGION", "Mars"), ("SMSP_PORT", "65536"),
+    ("SMSP_SES_REGION", "Mars"), ("SMSP_PORT", "65536"), ("SMSP_SMTP_SECURITY", "ssl"),
+    ("SMSP_SMTP_PORT", "0"), ("SMSP_SMTP_USERNAME", " "),
     ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/v3"), ("SMSP_PM_BASE_URL", "https://x/?q"),
 ]
 
@@ -1324,21 +1333,6 @@ def test_label_values_are_escaped() -> None:
 
 
 # ---------------------------------------------------------------------- TLS ---
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl command to make a throwaway certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", key, "-out", cert], check=True, capture_output=True)
-    return cert, key
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")

@@ -6,13 +6,18 @@ Fixtures live in conftest.py; this module holds plain classes and functions.
 import http.client
 import json
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import smsp
 from fakes import FakeMailgun, FakeSendGrid
@@ -26,6 +31,8 @@ RS_KEY = "re_RESEND-SECRET-8765"
 SES_REGION = "eu-west-1"
 SES_ACCESS_KEY = "AKIDSMSPTEST"
 SES_SECRET_KEY = "ses-SECRET-ACCESS-KEY-0000"
+SMTP_USER = "relay-user"  # smtp_server.USERNAME and PASSWORD
+SMTP_PASSWORD = "relay-SECRET-pass"
 API_KEY = "client-API-SECRET-9abc"
 POLL = "poll@smsp.example.com"
 EMAIL = {"fromaddress": "Alice <alice@example.com>", "toaddress": "bob@example.org",
@@ -221,6 +228,9 @@ PEER_SETTINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
                          "ses_secret_access_key": SES_SECRET_KEY, "ses_base_url": fake.url},
     "postmark": lambda fake: {"pm_server_token": PM_TOKEN, "pm_base_url": fake.url},
     "resend": lambda fake: {"resend_api_key": RS_KEY, "resend_base_url": fake.url},
+    "smtp": lambda peer: {"smtp_host": peer.server.host, "smtp_port": peer.server.port,
+                          "smtp_security": "none", "smtp_username": SMTP_USER,
+                          "smtp_password": SMTP_PASSWORD, "smtp_helo": "smsp.test"},
 }
 
 
@@ -262,3 +272,17 @@ def status_of(raw: bytes) -> int:
         return int(raw.split(b" ", 2)[1])
     found = re.search(rb"Error code: (\d{3})", raw)
     return int(found.group(1)) if found else 0
+
+
+def make_certificate(folder: Path) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1: (cert.pem, key.pem) paths.
+
+    Skips the calling test when there is no openssl command.
+    """
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a throwaway certificate")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key

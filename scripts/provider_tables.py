@@ -45,11 +45,22 @@ def provider_table(cls: type[smsp.HTTPProvider]) -> list[str]:
     return lines
 
 
+def smtp_table() -> list[str]:
+    lines = ["### smtp", "", "| phase | reply | outcome |", "|---|---|---|"]
+    for (phase, reply), outcome in smsp.SMTPProvider.CLASSIFICATION.items():
+        if outcome is None:
+            continue  # the phase went well
+        shown = "anything else, or no reply" if reply == "*" else reply
+        lines.append(f"| {phase} | {shown} | {ACTION[outcome]} |")
+    return lines + [""]
+
+
 def tables() -> str:
     lines: list[str] = []
     for cls in smsp.PROVIDERS.values():
         if issubclass(cls, smsp.HTTPProvider):
             lines += provider_table(cls)
+    lines += smtp_table()
     return "\n".join(lines).rstrip("\n")
 
 
