@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
+HOST ?= 127.0.0.1
 
-.PHONY: run test lint unit functional promtool promtool-install fuzz soak soak-ci bench docker \
+.DEFAULT_GOAL := help
+.PHONY: help run test lint unit functional promtool promtool-install fuzz soak soak-ci bench docker \
 	image-test clean
 
 $(STAMP): requirements-dev.txt
@@ -13,22 +15,25 @@ $(STAMP): requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-run:
-	@echo "smsp in mock mode on port $(PORT), API key 'dev'. Try:"
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+run: ## smsp in mock mode on 127.0.0.1:8080 (set HOST=0.0.0.0 or PORT= to change)
+	@echo "smsp in mock mode on $(HOST):$(PORT), API key 'dev'. Try:"
 	@echo '  curl -i -H "X-API-KEY: dev" -H "Content-Type: application/json" -d '\''{"fromaddress":"a@example.com","toaddress":"b@example.com","subject":"hi","plaintextbody":"hello"}'\'' http://127.0.0.1:$(PORT)/email'
-	SMSP_MOCK_EMAIL_SERVICE=true SMSP_API_KEY=dev $(PYTHON) smsp.py --port $(PORT)
+	SMSP_MOCK_EMAIL_SERVICE=true SMSP_API_KEY=dev $(PYTHON) smsp.py --host $(HOST) --port $(PORT)
 
-test: lint unit functional promtool soak-ci
+test: lint unit functional promtool soak-ci ## everything the tests need, installed, then lint, unit, functional, promtool, soak
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff, mypy --strict and the deploy files
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
-unit: $(STAMP) promtool-install
+unit: $(STAMP) promtool-install ## the unit, fault and provider suites with coverage
 	$(BIN)/python -m pytest -q test_*.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
-functional: $(STAMP)
+functional: $(STAMP) ## the black-box suite against a live smsp, HTTP and HTTPS
 	$(BIN)/python -m pytest -q functional_test.py
 	SMSP_PROTOCOL=https $(BIN)/python -m pytest -q functional_test.py
 
@@ -38,28 +43,28 @@ promtool-install:
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 # The alerting rules: syntax and PromQL, then their unit tests.
-promtool: promtool-install
+promtool: promtool-install ## check and unit-test the alerting rules
 	promtool check rules deploy/prometheus-rules.yaml
 	promtool test rules deploy/prometheus-rules.test.yaml
 
-fuzz:
+fuzz: ## schemathesis against the live OpenAPI document
 	bash scripts/fuzz.sh
 
-soak:
+soak: ## 50,000 mixed requests; threads and memory checked
 	$(PYTHON) scripts/soak.py --requests 50000
 
 soak-ci:
 	$(PYTHON) scripts/soak.py --requests 5000
 
-bench:
+bench: ## the benchmark (minutes; see docs/benchmark.md)
 	$(PYTHON) bench/run.py
 
 docker:
 	docker build -t smsp:latest .
 
-image-test:
+image-test: ## build the image with podman and test it
 	bash scripts/image-test.sh
 
-clean:
+clean: ## remove the venvs and caches
 	rm -rf $(VENV) .venv-fuzz .pytest_cache .ruff_cache .coverage .hypothesis .schemathesis \
 		__pycache__ */__pycache__

@@ -67,7 +67,7 @@ from typing import Any, ClassVar
 
 # ---------------------------------------------------------------- constants ---
 
-VERSION = "2.0.0"
+VERSION = "3.0.0"
 SERVER_NAME = f"smsp/{VERSION}"
 
 MAX_REQUEST_LINE = 65536  # the limits http.server enforces; the lean parser keeps them
@@ -79,6 +79,7 @@ MAX_LOCAL_PART = 64
 MAX_SUBJECT = 998  # RFC 5322 line length
 MAX_PROVIDER_REPLY = 1 << 20  # bytes of a provider reply we are willing to read
 MAX_PROVIDER_MESSAGE = 500  # characters of a provider's error message passed to the client
+MAX_SECRET_FILE = 65536  # characters read from a <NAME>_FILE secret
 ACCEPT_FANOUT = 2  # waiting connections each new connection thread takes off the listener
 GIL_SWITCH_INTERVAL = 0.05  # seconds; CPython's default is 0.005 (see serve())
 
@@ -545,12 +546,31 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def _raw_setting(row: Setting, env: Mapping[str, str], problems: list[str]) -> str:
+    """A row's text: from its variable, or for a secret from the file ``<NAME>_FILE``
+    names (the convention of Docker images and Kubernetes Secrets mounted as files)."""
+    raw = env.get(row.env, "")
+    path = env.get(f"{row.env}_FILE", "").strip() if row.secret else ""
+    if not path:
+        return raw
+    if raw.strip():
+        problems.append(f"{row.env} and {row.env}_FILE are both set; set one of them")
+        return ""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read(MAX_SECRET_FILE).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not UTF-8 text"
+        problems.append(f"{row.env}_FILE cannot be read: {why} ({path})")
+        return ""
+
+
 def parse_settings(rows: Iterable[Setting], env: Mapping[str, str],
                    problems: list[str]) -> dict[str, Any]:
     """Each row's value from ``env`` (its default when unset); problems are appended."""
     values: dict[str, Any] = {}
     for row in rows:
-        raw = env.get(row.env, "")
+        raw = _raw_setting(row, env, problems)
         if raw.strip() == "":
             values[row.field] = row.default
             continue
@@ -2366,7 +2386,8 @@ def load_config(env: Mapping[str, str]) -> Config:
     problems: list[str] = []
     values = parse_settings(SETTINGS, env, problems)
     problems += [f"{row.env} is required" for row in SETTINGS
-                 if row.required and not env.get(row.env, "").strip()]
+                 if row.required and not values[row.field]
+                 and not any(p.startswith(row.env) for p in problems)]
     in_use = () if values["mock"] else values["providers"]
     if not values["mock"] and not env.get("SMSP_POLL_MESSAGE_ADDRESS", "").strip():
         problems.append("SMSP_POLL_MESSAGE_ADDRESS is required")

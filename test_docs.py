@@ -34,3 +34,10 @@ def test_provider_classification_tables_are_generated_from_the_provider_classes(
         "docs/providers.md is stale: run python scripts/provider_tables.py --write"
     for name in smsp.PROVIDERS:
         assert f"### {name}\n" in page or name == "smtp"
+
+
+def test_the_manifest_runs_the_image_of_this_version() -> None:
+    manifest = (ROOT / "deploy" / "kubernetes.yaml").read_text()
+    tags = [line.split("image:")[1].split("#")[0].strip() for line in manifest.splitlines()
+            if "image:" in line and "smsp" in line]
+    assert tags and all(tag.endswith(f"/smsp:{smsp.VERSION}") for tag in tags)
