@@ -151,3 +151,41 @@ def test_cors_exposes_the_headers_a_browser_client_needs_to_read(mock: Any) -> N
     assert {"X-Request-Id", "Retry-After", "Idempotent-Replayed"} <= exposed
     status, headers, _ = mock.request("OPTIONS", "/email")
     assert status == 204 and "traceparent" in headers["access-control-allow-headers"]
+
+
+# --------------------------------------------------------- secrets from files ---
+
+
+def test_every_secret_can_come_from_a_file(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    keys, mg = tmp_path / "keys", tmp_path / "mg"
+    keys.write_text("from-file-1,from-file-2\n")
+    mg.write_text("key-from-file\n")
+    env = {**REAL, "SMSP_API_KEY_FILE": str(keys), "SMSP_MG_API_KEY_FILE": str(mg)}
+    del env["SMSP_API_KEY"], env["SMSP_MG_API_KEY"]
+    config = smsp.load_config(env)
+    assert config.api_keys == ("from-file-1", "from-file-2")
+    assert config.provider_settings["mailgun"]["mg_api_key"] == "key-from-file"
+    assert smsp.main(["--check-config"], environ=env) == 0
+    out = capsys.readouterr().out
+    assert "from-file" not in out and "SMSP_API_KEY=****,****" in out
+
+
+def test_a_secret_set_twice_or_unreadable_is_an_error_by_name(tmp_path: Path) -> None:
+    secret = tmp_path / "k"
+    secret.write_text("k2")
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.load_config({**MOCK, "SMSP_API_KEY_FILE": str(secret)})
+    assert caught.value.problems == ["SMSP_API_KEY and SMSP_API_KEY_FILE are both set; "
+                                     "set one of them"]
+    env = {"SMSP_MOCK_EMAIL_SERVICE": "true", "SMSP_API_KEY_FILE": str(tmp_path / "missing")}
+    with pytest.raises(smsp.ConfigError) as caught:
+        smsp.load_config(env)
+    assert caught.value.problems == [f"SMSP_API_KEY_FILE cannot be read: No such file or "
+                                     f"directory ({tmp_path / 'missing'})"]
+
+
+def test_only_secret_settings_read_a_file(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("9")
+    config = smsp.load_config({**MOCK, "SMSP_TIMEOUT_FILE": str(tmp_path / "t")})
+    assert config.timeout == 2.0
