@@ -35,6 +35,7 @@ import atexit
 import base64
 import bisect
 import collections
+import contextvars
 import dataclasses
 import email.headerregistry
 import email.message
@@ -736,6 +737,22 @@ def _debug_value(value: Any) -> str:
     if not text or not text.isprintable() or _DEBUG_QUOTE_RE.search(text):
         return json.dumps(text)
     return text
+
+
+# The W3C trace id of the request this thread serves, for the events it logs.
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("smsp_trace_id",
+                                                                     default=None)
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header, or None when it is not valid."""
+    found = _TRACEPARENT_RE.fullmatch(traceparent.strip()) if traceparent else None
+    if found is None or found.group(1) == "ff" or (found.group(1) == "00" and found.group(4)):
+        return None
+    if found.group(2) == "0" * 32 or found.group(3) == "0" * 16:
+        return None
+    return found.group(2)
 
 
 class Logger:
@@ -2777,18 +2794,21 @@ class Dispatcher:
                                         "smsp_provider_attempt_duration_seconds", (name,),
                                         elapsed)
         if self._log.debug_enabled:
-            self._log.debug("provider_attempt", request_id=request_id, provider=name,
+            self._log.debug("provider_attempt", request_id=request_id,
+                            trace_id=TRACE_ID.get(), provider=name,
                             outcome=outcome.value, duration_ms=round(elapsed * 1000, 2),
                             reason=reason, fromaddress=message.sender.email,
                             toaddress=",".join(a.email for a in message.to))
 
     def _skipped(self, name: str, reason: str, request_id: str | None) -> None:
         self._metrics.inc("smsp_provider_attempts_total", name, "skipped")
-        self._log.info("provider_skipped", request_id=request_id, provider=name, reason=reason)
+        self._log.info("provider_skipped", request_id=request_id, trace_id=TRACE_ID.get(),
+                       provider=name, reason=reason)
 
     def _failover(self, failed: str, name: str, request_id: str | None) -> None:
         self._metrics.inc("smsp_failovers_total", failed, name)
-        self._log.warning("failover", request_id=request_id, **{"from": failed}, to=name)
+        self._log.warning("failover", request_id=request_id, trace_id=TRACE_ID.get(),
+                          **{"from": failed}, to=name)
 
 
 # -------------------------------------------------------------- idempotency ---
@@ -3268,6 +3288,7 @@ class Application:
         self._swagger = json.dumps(openapi_document(config), indent=2).encode()
 
     def handle(self, request: Request) -> Response:
+        TRACE_ID.set(trace_id_of(request.headers.get("traceparent")))  # until finished()
         endpoint = _ENDPOINT_AT.get(request.path)
         allowed = endpoint.methods if endpoint is not None else ("GET", "HEAD", "POST")
         if request.method == "OPTIONS":
@@ -3296,11 +3317,13 @@ class Application:
                                          str(response.status)),
             "smsp_http_request_duration_seconds", (route,), seconds)
         delivery = response.delivery
-        self._log.info("access", request_id=request_id, method=method[:16], path=path[:200],
+        self._log.info("access", request_id=request_id, trace_id=TRACE_ID.get(),
+                       method=method[:16], path=path[:200],
                        status=response.status, duration_ms=round(seconds * 1000, 3),
                        provider=response.provider,
                        delivery=None if delivery is None else delivery.value,
                        reason=response.reason, replayed=response.replayed or None)
+        TRACE_ID.set(None)
 
     # -- POST /email
 

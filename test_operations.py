@@ -189,3 +189,32 @@ def test_only_secret_settings_read_a_file(tmp_path: Path) -> None:
     (tmp_path / "t").write_text("9")
     config = smsp.load_config({**MOCK, "SMSP_TIMEOUT_FILE": str(tmp_path / "t")})
     assert config.timeout == 2.0
+
+
+# ------------------------------------------------------------------ tracing ---
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.mark.parametrize(("header", "trace"), [
+    (f"00-{TRACE}-00f067aa0ba902b7-01", TRACE),
+    (f"01-{TRACE}-00f067aa0ba902b7-01-future", TRACE),  # a later version may add fields
+    (f"00-{TRACE}-00f067aa0ba902b7-01-x", None), (f"ff-{TRACE}-00f067aa0ba902b7-01", None),
+    (f"00-{'0' * 32}-00f067aa0ba902b7-01", None), (f"00-{TRACE}-{'0' * 16}-01", None),
+    (f"00-{TRACE.upper()}-00f067aa0ba902b7-01", None), ("garbage", None), (None, None)])
+def test_traceparent_is_read_as_w3c_trace_context_says(header: str | None,
+                                                       trace: str | None) -> None:
+    assert smsp.trace_id_of(header) == trace
+
+
+def test_the_trace_id_reaches_the_access_line_and_the_provider_events(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    mailgun.script(Status(500))
+    with running(provider_config(mailgun, sendgrid, log_debug=True)) as server:
+        assert server.send(traceparent=f"00-{TRACE}-00f067aa0ba902b7-01")[0] == 200
+        assert server.send()[0] == 200
+        access = server.lines.events("access", at_least=2)
+        assert [a.get("trace_id") for a in access] == [TRACE, None]
+        attempts = server.lines.events("provider_attempt", at_least=3)
+        assert [a.get("trace_id") for a in attempts] == [TRACE, TRACE, None]
+        assert server.lines.events("failover")[0]["trace_id"] == TRACE
