@@ -2628,15 +2628,15 @@ class CircuitBreaker:
             self._on_change(change)
 
 
-def make_probe(provider: Provider, address: Address, timeout: float,
+def make_probe(provider: Callable[[], Provider], address: Address, timeout: float,
                clock: Callable[[], float] = time.monotonic) -> Callable[[], str | None]:
-    """A breaker probe that sends the provider's poll message, from and to ``address``,
-    built as a client's message is; a rejection still proves health."""
-    poll = provider.poll_message(address)
-
+    """A breaker probe that sends the poll message of ``provider()`` (the provider in
+    use at that moment: keys may be reloaded), from and to ``address``, built as a
+    client's message is; a rejection still proves health."""
     def probe() -> str | None:
+        current = provider()
         try:
-            provider.send(poll, clock() + timeout)
+            current.send(current.poll_message(address), clock() + timeout)
         except ProviderError as exc:
             return None if exc.outcome is Outcome.REJECTED else exc.reason
         return None
@@ -2721,6 +2721,18 @@ class Dispatcher:
     def lane(self, provider: str | None) -> Lane | None:
         """The lane of the provider called ``provider``, if it is configured."""
         return next((lane for lane in self.lanes if lane.provider.name == provider), None)
+
+    def provider(self, name: str) -> Provider:
+        lane = self.lane(name)
+        assert lane is not None, name
+        return lane.provider
+
+    def replace_providers(self, providers: Iterable[Provider]) -> list[Provider]:
+        """Put new provider objects (same names, same order) behind the same breakers;
+        the old ones are returned.  A send already under way keeps the one it has."""
+        old = self.lanes
+        self.lanes = [Lane(new, lane.breaker) for new, lane in zip(providers, old, strict=True)]
+        return [lane.provider for lane in old]
 
     def send(self, message: Message, request_id: str | None = None, *,
              before_attempt: Callable[[str], bool] | None = None,
@@ -3277,7 +3289,7 @@ class Application:
 
     def __init__(self, config: Config, *, dispatcher: Dispatcher,
                  idempotency: IdempotencyStore, metrics: Metrics, log: Logger) -> None:
-        self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in config.api_keys)
+        self.set_keys(config.api_keys)
         self._max_body = config.max_body_bytes
         self._timeout = config.timeout
         self.dispatcher = dispatcher
@@ -3286,6 +3298,10 @@ class Application:
         self.inflight: Callable[[], int] = lambda: 0  # the server sets this
         self._log = log
         self._swagger = json.dumps(openapi_document(config), indent=2).encode()
+
+    def set_keys(self, keys: Iterable[str]) -> None:
+        """The client keys from now on; a request already authenticated is not disturbed."""
+        self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
 
     def handle(self, request: Request) -> Response:
         TRACE_ID.set(trace_id_of(request.headers.get("traceparent")))  # until finished()
@@ -4015,10 +4031,29 @@ class Service:
     app: Application
     ids: IdGenerator
     stop_event: threading.Event
+    context: ProviderContext
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
         return {lane.provider.name: lane.breaker for lane in self.dispatcher.lanes}
+
+    def reload(self, env: Mapping[str, str]) -> bool:
+        """Reread the secrets (on SIGHUP): client keys and provider keys, from their
+        variables or files.  Other settings keep the values they started with.  When
+        the configuration no longer parses, everything stays as it was and the
+        problems are logged by name."""
+        try:
+            new = load_config(env)
+        except ConfigError as exc:
+            self.log.error("reload_failed", problems=exc.problems)
+            return False
+        self.app.set_keys(new.api_keys)
+        self.context = dataclasses.replace(self.context, redact=Redactor(config_secrets(new)))
+        kept = dataclasses.replace(new, mock=self.config.mock, providers=self.config.providers)
+        for old in self.dispatcher.replace_providers(build_providers(kept, self.context)):
+            old.close()  # idle connections only; a send under way finishes on its own
+        self.log.info("reloaded", api_keys=len(new.api_keys))
+        return True
 
     def close(self) -> None:
         """Cancel the poll timers, wake mock timeouts, drop provider and store connections."""
@@ -4040,9 +4075,9 @@ def config_secrets(config: Config) -> list[str]:
     return secrets
 
 
-def _lanes(config: Config, context: ProviderContext, *, log: Logger, metrics: Metrics,
-           clock: Callable[[], float], timer: Callable[[float, Callable[[], None]], Any]
-           ) -> list[Lane]:
+def _lanes(config: Config, providers: list[Provider], dispatcher: Dispatcher, *, log: Logger,
+           metrics: Metrics, clock: Callable[[], float],
+           timer: Callable[[float, Callable[[], None]], Any]) -> list[Lane]:
     def on_change(change: StateChange) -> None:
         metrics.inc("smsp_circuit_transitions_total", change.breaker, change.new.value)
         log.log(Level.WARNING if change.new is State.OPEN else Level.INFO, "circuit_state_change",
@@ -4057,16 +4092,15 @@ def _lanes(config: Config, context: ProviderContext, *, log: Logger, metrics: Me
             log.warning("poll_failed", provider=name, reason=error)
         last_error[name] = error
 
+    def current(name: str) -> Callable[[], Provider]:
+        return lambda: dispatcher.provider(name)
+
     address = config.poll_address or DEFAULT_POLL_ADDRESS
-    lanes = []
-    for provider in build_providers(config, context):
-        breaker = CircuitBreaker(provider.name, make_probe(provider, address, config.timeout),
-                                 threshold=config.failure_threshold,
-                                 interval=config.poll_interval,
-                                 interval_max=config.poll_interval_max, clock=clock, timer=timer,
-                                 on_change=on_change, on_poll=on_poll)
-        lanes.append(Lane(provider, breaker))
-    return lanes
+    return [Lane(provider, CircuitBreaker(
+        provider.name, make_probe(current(provider.name), address, config.timeout),
+        threshold=config.failure_threshold, interval=config.poll_interval,
+        interval_max=config.poll_interval_max, clock=clock, timer=timer, on_change=on_change,
+        on_poll=on_poll)) for provider in providers]
 
 
 def build_service(config: Config, *, log: Logger | None = None,
@@ -4081,16 +4115,18 @@ def build_service(config: Config, *, log: Logger | None = None,
     stop = threading.Event()
     context = ProviderContext(watchdog, time.monotonic, stop, Redactor(config_secrets(config)),
                               config.pool_size, config.pool_idle)
-    lanes = _lanes(config, context, log=log, metrics=metrics, clock=clock, timer=timer)
-    dispatcher = Dispatcher(lanes, timeout=config.timeout, log=log, metrics=metrics)
-    attempts = config.timeout * len(lanes)
+    dispatcher = Dispatcher([], timeout=config.timeout, log=log, metrics=metrics)
+    dispatcher.lanes = _lanes(config, build_providers(config, context), dispatcher, log=log,
+                              metrics=metrics, clock=clock, timer=timer)
+    attempts = config.timeout * len(dispatcher.lanes)
     idempotency = MemoryIdempotencyStore(
         ttl=config.idempotency_ttl, max_entries=config.idempotency_max,
         lease=attempts + IDEMPOTENCY_MARGIN, liveness=config.timeout + IDEMPOTENCY_MARGIN,
         clock=clock)
     app = Application(config, dispatcher=dispatcher, idempotency=idempotency, metrics=metrics,
                       log=log)
-    return Service(config, log, metrics, watchdog, dispatcher, app, IdGenerator(), stop)
+    return Service(config, log, metrics, watchdog, dispatcher, app, IdGenerator(), stop,
+                   context)
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:

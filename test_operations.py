@@ -13,7 +13,7 @@ import pytest
 import smsp
 from fakes import FakeMailgun, FakeSendGrid, Status
 from test_smsp import scrape
-from testkit import API_KEY, provider_config, running
+from testkit import API_KEY, MG_DOMAIN, provider_config, running
 
 SMSP = Path(smsp.__file__).resolve()
 REAL = {"SMSP_API_KEY": "k", "SMSP_PROVIDERS": "mailgun", "SMSP_MG_DOMAIN": "mg.example.com",
@@ -218,3 +218,40 @@ def test_the_trace_id_reaches_the_access_line_and_the_provider_events(
         attempts = server.lines.events("provider_attempt", at_least=3)
         assert [a.get("trace_id") for a in attempts] == [TRACE, TRACE, None]
         assert server.lines.events("failover")[0]["trace_id"] == TRACE
+
+
+def test_reload_swaps_client_and_provider_keys_and_keeps_them_when_the_file_breaks(
+        tmp_path: Path, sendgrid: FakeSendGrid) -> None:
+    keys, mg = tmp_path / "keys", tmp_path / "mg"
+    keys.write_text(API_KEY)
+    mg.write_text("key-OLD-1")
+    with FakeMailgun(domain=MG_DOMAIN, api_key="key-NEW-2") as rotated:  # refuses the old key
+        env = {**_env_of(provider_config(rotated, sendgrid, providers=("mailgun",))),
+               "SMSP_API_KEY_FILE": str(keys), "SMSP_MG_API_KEY_FILE": str(mg)}
+        del env["SMSP_API_KEY"], env["SMSP_MG_API_KEY"]
+        with running(smsp.load_config(env)) as server:
+            assert server.send()[0] == 502
+            keys.write_text("new-client-key")
+            mg.write_text("key-NEW-2")
+            assert server.service.reload(env)
+            assert server.send()[0] == 401  # the old client key stopped working
+            server.timers.fire_next()  # the poll, with the new provider key, closes it
+            status, _, body = server.send(X_API_KEY="new-client-key")
+            assert (status, body["provider"]) == (200, "mailgun")
+            keys.write_text(" , ")  # broken: keeps what it had
+            assert not server.service.reload(env)
+            assert server.send(X_API_KEY="new-client-key")[0] == 200
+            [failed] = server.lines.events("reload_failed")
+            assert failed["problems"] == ["SMSP_API_KEY must hold at least one key"]
+            assert "new-client-key" not in server.lines.text
+            assert "key-NEW-2" not in server.lines.text
+
+
+def _env_of(config: smsp.Config) -> dict[str, str]:
+    from testkit import env_text
+    env = {row.env: env_text(config.value(row.field)) for row in smsp.SETTINGS}
+    for name in config.active_providers:
+        cls = smsp.PROVIDERS[name]
+        env.update({row.env: env_text(config.provider_settings[name][row.field])
+                    for row in cls.settings})
+    return {k: v for k, v in env.items() if v}

@@ -492,12 +492,12 @@ def test_probe_counts_a_rejection_as_healthy_and_other_failures_as_down() -> Non
                 raise self.error
             return smsp.Receipt(self.name, "id")
 
-    poll = smsp.Message(smsp.Address(POLL), (smsp.Address(POLL),), "poll", "poll")
+    poll = smsp.Address(POLL)
     rejected = smsp.ProviderError(smsp.Outcome.REJECTED, "HTTP 400")
     down = smsp.ProviderError(smsp.Outcome.NOT_SENT, "HTTP 503")
-    assert smsp.make_probe(Scripted(None), poll, 1)() is None
-    assert smsp.make_probe(Scripted(rejected), poll, 1)() is None
-    assert smsp.make_probe(Scripted(down), poll, 1)() == "HTTP 503"
+    assert smsp.make_probe(lambda: Scripted(None), poll, 1)() is None
+    assert smsp.make_probe(lambda: Scripted(rejected), poll, 1)() is None
+    assert smsp.make_probe(lambda: Scripted(down), poll, 1)() == "HTTP 503"
 
 
 # ---------------------------------------------------- classification table ---

@@ -131,10 +131,10 @@ def env_text(value: Any) -> str:
     """A setting's value as the environment variable would spell it."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, urllib.parse.SplitResult):  # a tuple too: first
+        return value.geturl()
     if isinstance(value, tuple):
         return ",".join(value)
-    if isinstance(value, urllib.parse.SplitResult):
-        return value.geturl()
     return str(value)
 
 
