@@ -3037,42 +3037,49 @@ def _answer(description: str, schema: str | None = "Error",
     return result
 
 
+def _email_operation(config: Config) -> dict[str, Any]:
+    """The OpenAPI operation of POST /email."""
+    answer = _answer
+    return {
+        "summary": "Send one email",
+        "operationId": "sendEmail",
+        "security": [{"apiKey": []}],
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                        "description": "replays the first final answer for 24 h"}],
+        "requestBody": {"required": True, "content": {JSON_TYPE: {
+            "schema": {"$ref": "#/components/schemas/Email"},
+            "examples": EMAIL_EXAMPLES}}},
+        "responses": {
+            "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
+            "400": answer("invalid request: the message says which field and why"),
+            "401": answer("missing or wrong X-API-KEY"),
+            "408": answer("the request did not arrive within the client timeout"),
+            "409": answer("the first request with this Idempotency-Key is in progress; "
+                          "nothing was sent", "DeliveryError", ("Retry-After",)),
+            "411": answer("Content-Length required"),
+            "413": answer(f"body larger than {config.max_body_bytes} bytes"),
+            "415": answer("Content-Type is not application/json"),
+            "422": answer("a provider rejected the message, no provider can carry it, or "
+                          "the Idempotency-Key was used with another body; not sent",
+                          "DeliveryError", ("Idempotent-Replayed",)),
+            "502": answer("the provider failed; see delivery", "DeliveryError",
+                          ("Idempotent-Replayed",)),
+            "503": answer("every circuit is open (Retry-After says until when), the "
+                          "idempotency store is down, or the server is overloaded or "
+                          "shutting down; not sent", "DeliveryError", ("Retry-After",)),
+            "504": answer("the provider did not answer in time; delivery unknown",
+                          "DeliveryError", ("Idempotent-Replayed",)),
+        },
+    }
+
+
 def _operations(config: Config) -> dict[str, dict[str, Any]]:
     """The OpenAPI operation of each Application handler (its GET or POST)."""
     answer = _answer
     text_plain = {"text/plain": {"schema": {"type": "string"}}}
     return {
-        "email": {
-            "summary": "Send one email",
-            "operationId": "sendEmail",
-            "security": [{"apiKey": []}],
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-                            "description": "replays the first final answer for 24 h"}],
-            "requestBody": {"required": True, "content": {JSON_TYPE: {
-                "schema": {"$ref": "#/components/schemas/Email"},
-                "examples": EMAIL_EXAMPLES}}},
-            "responses": {
-                "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
-                "400": answer("invalid request: the message says which field and why"),
-                "401": answer("missing or wrong X-API-KEY"),
-                "408": answer("the request did not arrive within the client timeout"),
-                "409": answer("the first request with this Idempotency-Key is in progress; "
-                              "nothing was sent", "DeliveryError", ("Retry-After",)),
-                "411": answer("Content-Length required"),
-                "413": answer(f"body larger than {config.max_body_bytes} bytes"),
-                "415": answer("Content-Type is not application/json"),
-                "422": answer("a provider rejected the message, no provider can carry it, or "
-                              "the Idempotency-Key was used with another body; not sent",
-                              "DeliveryError", ("Idempotent-Replayed",)),
-                "502": answer("the provider failed; see delivery", "DeliveryError",
-                              ("Idempotent-Replayed",)),
-                "503": answer("every circuit is open (Retry-After says until when), the "
-                              "idempotency store is down, or the server is overloaded or "
-                              "shutting down; not sent", "DeliveryError", ("Retry-After",)),
-                "504": answer("the provider did not answer in time; delivery unknown",
-                              "DeliveryError", ("Idempotent-Replayed",)),
-            }},
+        "email": _email_operation(config),
         "health": {"summary": "Liveness, circuit states and the idempotency store",
                    "operationId": "health",
                    "responses": {"200": answer("serving", "Health")}},
@@ -3123,42 +3130,47 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 "description": "seconds until the earliest next poll"},
                 "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
             },
-            "schemas": {
-                "Email": message_schema(),
-                "Sent": {"type": "object", "required": ["status", "provider", "message_id"],
-                         "properties": {"status": {"type": "string", "enum": ["sent"]},
-                                        "provider": {"type": "string"},
-                                        "message_id": {"type": "string", "nullable": True}}},
-                "Error": {"type": "object", "required": ["message", "request_id"],
-                          "properties": {"message": {"type": "string"},
-                                         "request_id": {"type": "string"}}},
-                "DeliveryError": {"type": "object",
-                                  "required": ["message", "request_id", "delivery"],
-                                  "properties": {"message": {"type": "string"},
-                                                 "request_id": {"type": "string"},
-                                                 "delivery": {"type": "string",
-                                                              "enum": ["not_sent", "unknown"]}}},
-                "Health": {"type": "object", "required": ["status", "providers"], "properties": {
-                    "status": {"type": "string", "enum": ["ok"]},
-                    "version": {"type": "string"},
-                    "providers": {"type": "array", "items": {
-                        "type": "object",
-                        "required": ["name", "state", "consecutive_failures", "opened_at",
-                                     "next_poll_at", "last_error"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "state": {"type": "string", "enum": ["closed", "open"]},
-                            "consecutive_failures": {"type": "integer", "minimum": 0},
-                            "opened_at": {"type": "string", "format": "date-time",
-                                          "nullable": True},
-                            "next_poll_at": {"type": "string", "format": "date-time",
-                                             "nullable": True},
-                            "last_error": {"type": "string", "nullable": True}}}},
-                    "idempotency": {"type": "object", "required": ["kind", "state"],
-                                    "properties": {"kind": {"type": "string"},
-                                                   "state": {"type": "string"}}}}},
-            },
+            "schemas": _schemas(),
         },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    """The OpenAPI schemas of the request body and of the answers."""
+    return {
+        "Email": message_schema(),
+        "Sent": {"type": "object", "required": ["status", "provider", "message_id"],
+                 "properties": {"status": {"type": "string", "enum": ["sent"]},
+                                "provider": {"type": "string"},
+                                "message_id": {"type": "string", "nullable": True}}},
+        "Error": {"type": "object", "required": ["message", "request_id"],
+                  "properties": {"message": {"type": "string"},
+                                 "request_id": {"type": "string"}}},
+        "DeliveryError": {"type": "object",
+                          "required": ["message", "request_id", "delivery"],
+                          "properties": {"message": {"type": "string"},
+                                         "request_id": {"type": "string"},
+                                         "delivery": {"type": "string",
+                                                      "enum": ["not_sent", "unknown"]}}},
+        "Health": {"type": "object", "required": ["status", "providers"], "properties": {
+            "status": {"type": "string", "enum": ["ok"]},
+            "version": {"type": "string"},
+            "providers": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "state", "consecutive_failures", "opened_at",
+                             "next_poll_at", "last_error"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "state": {"type": "string", "enum": ["closed", "open"]},
+                    "consecutive_failures": {"type": "integer", "minimum": 0},
+                    "opened_at": {"type": "string", "format": "date-time",
+                                  "nullable": True},
+                    "next_poll_at": {"type": "string", "format": "date-time",
+                                     "nullable": True},
+                    "last_error": {"type": "string", "nullable": True}}}},
+            "idempotency": {"type": "object", "required": ["kind", "state"],
+                            "properties": {"kind": {"type": "string"},
+                                           "state": {"type": "string"}}}}},
     }
 
 
