@@ -1151,9 +1151,10 @@ ADDRESS_SCHEMA: Mapping[str, Any] = {
                    f"{MAX_ADDRESS} characters, its local part at most {MAX_LOCAL_PART}"}
 
 
-def _addresses(least: int, description: str) -> dict[str, Any]:
+def _addresses(least: int, example: str, description: str) -> dict[str, Any]:
+    # Each list its own example: a document's examples put together make a valid request.
     return {"type": "array", "minItems": least, "maxItems": MAX_RECIPIENTS, "uniqueItems": True,
-            "items": dict(ADDRESS_SCHEMA), "description": description}
+            "items": {**ADDRESS_SCHEMA, "example": example}, "description": description}
 
 
 _RECIPIENTS_RULE = (f"at most {MAX_RECIPIENTS} recipients in toaddress, ccaddress and "
@@ -1194,11 +1195,13 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     Field("fromaddress", "sender", _parse_one_address, ADDRESS_SCHEMA, required=True),
     Field("toaddress", "to", _parse_to, {
-        "oneOf": [dict(ADDRESS_SCHEMA), _addresses(1, "the recipients")],
+        "oneOf": [dict(ADDRESS_SCHEMA), _addresses(1, "someone@example.com", "the recipients")],
         "description": f"one address, or a list of 1-{MAX_RECIPIENTS}; {_RECIPIENTS_RULE}"},
         required=True),
-    Field("ccaddress", "cc", _parse_copies, _addresses(0, f"copies; {_RECIPIENTS_RULE}")),
-    Field("bccaddress", "bcc", _parse_copies, _addresses(0, f"blind copies; {_RECIPIENTS_RULE}")),
+    Field("ccaddress", "cc", _parse_copies,
+          _addresses(0, "copy@example.com", f"copies; {_RECIPIENTS_RULE}")),
+    Field("bccaddress", "bcc", _parse_copies,
+          _addresses(0, "blind@example.com", f"blind copies; {_RECIPIENTS_RULE}")),
     Field("subject", "subject", _parse_subject,
           {"type": "string", "maxLength": MAX_SUBJECT, "pattern": _NO_CONTROL, "default": ""}),
     Field("plaintextbody", "text", _parse_body,
