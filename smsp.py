@@ -453,9 +453,14 @@ def _parse_text(text: str) -> str:
     return text.strip()
 
 
+def base64_size(size: int) -> int:
+    """The length of ``size`` bytes in base64 with padding (RFC 4648)."""
+    return 4 * -(-size // 3)
+
+
 def body_bytes_for(attachment_bytes: int) -> int:
     """The request size that fits attachments of ``attachment_bytes`` as base64, and the rest."""
-    return 4 * -(-attachment_bytes // 3) + BODY_HEADROOM
+    return base64_size(attachment_bytes) + BODY_HEADROOM
 
 
 def _parse_poll_address(text: str) -> Address:
@@ -865,7 +870,7 @@ class Message:
         """About the size of the message as MIME: its bodies, and its attachments as base64."""
         return len(self.text.encode("utf-8", "surrogatepass")) + \
             len(self.html.encode("utf-8", "surrogatepass")) + \
-            sum(4 * -(-len(a.content) // 3) for a in self.attachments)
+            sum(base64_size(len(a.content)) for a in self.attachments)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
