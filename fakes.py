@@ -34,9 +34,8 @@ Rules callers may rely on:
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime
-import email.parser
-import email.utils
 import http
 import http.server
 import itertools
@@ -63,6 +62,8 @@ __all__ = [
     "Drip",
     "FakeMailgun",
     "FakeSendGrid",
+    "FilePart",
+    "Form",
     "Hang",
     "Malformed2xx",
     "Recorded",
@@ -156,9 +157,10 @@ class Recorded:
     """One request as the fake received it.
 
     ``headers`` has lower-case names (repeated headers joined with ", "). ``fields`` is the parsed
-    form (``dict[str, list[str]]``, as ``parse_qs`` gives) for Mailgun or the parsed JSON for
-    SendGrid, None if the body could not be parsed. ``status`` is the status the fake answered, None
-    while it is still deciding or when the behaviour answered no status (reset, close, hang).
+    form for Mailgun (a ``Form``: ``dict[str, list[str]]`` as ``parse_qs`` gives, plus the file
+    parts in ``files``) or the parsed JSON for SendGrid, None if the body could not be parsed.
+    ``status`` is the status the fake answered, None while it is still deciding or when the
+    behaviour answered no status (reset, close, hang).
     """
 
     method: str
@@ -644,13 +646,33 @@ def _mg_message(code: int, message: str, headers: Mapping[str, str] | None = Non
     return _json_response(code, {"message": message}, headers)
 
 
-def _parse_form(content_type: str, body: bytes) -> dict[str, list[str]] | None:
+@dataclass(frozen=True)
+class FilePart:
+    """One file part of a multipart form, exactly as the fake received it."""
+
+    name: str
+    filename: str
+    content_type: str
+    content: bytes
+
+
+class Form(dict[str, list[str]]):
+    """A parsed Mailgun form: field name to its values, as ``parse_qs`` gives (a file part's
+    value is its filename), and ``files``, every file part in order (multipart only)."""
+
+    def __init__(self, fields: Mapping[str, list[str]] | None = None,
+                 files: list[FilePart] | None = None) -> None:
+        super().__init__(fields or {})
+        self.files: list[FilePart] = files or []
+
+
+def _parse_form(content_type: str, body: bytes) -> Form | None:
     """Parse a urlencoded or multipart/form-data body strictly as UTF-8; None if it cannot."""
     media = content_type.split(";", 1)[0].strip().lower()
     try:
         if media == "application/x-www-form-urlencoded":
-            return urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
-                                         encoding="utf-8", errors="strict")
+            return Form(urllib.parse.parse_qs(body.decode("utf-8"), keep_blank_values=True,
+                                              encoding="utf-8", errors="strict"))
         if media == "multipart/form-data":
             return _parse_multipart(content_type, body)
     except UnicodeDecodeError:
@@ -658,27 +680,118 @@ def _parse_form(content_type: str, body: bytes) -> dict[str, list[str]] | None:
     return None
 
 
-def _parse_multipart(content_type: str, body: bytes) -> dict[str, list[str]] | None:
-    """Form fields of a multipart body; a file part contributes its filename as the value."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser().parsebytes(head + body)
-    if not message.is_multipart() or message.defects:
-        return None
-    fields: dict[str, list[str]] = {}
-    for part in message.get_payload():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 7230 tchar
+_PARAMETER = re.compile(rf'\s*;\s*({_TOKEN})=(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))\s*')
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")  # RFC 2046
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}")
+
+
+def _header_parameters(value: str) -> tuple[str, dict[str, str]] | None:
+    """A header value's first word (lower case) and its parameters, each a token or a
+    quoted-string (unescaped); None if anything is malformed or repeated."""
+    first = value.split(";", 1)[0]
+    parameters: dict[str, str] = {}
+    at = len(first)
+    while at < len(value):
+        found = _PARAMETER.match(value, at)
+        if found is None or found.group(1).lower() in parameters:
             return None
-        filename = part.get_filename()
-        if filename is not None:
-            value = filename
+        quoted = found.group(2)
+        parameters[found.group(1).lower()] = (found.group(3) if quoted is None
+                                              else re.sub(r"\\(.)", r"\1", quoted))
+        at = found.end()
+    return first.strip().lower(), parameters
+
+
+def _form_part(chunk: bytes) -> tuple[str, str | None, str, bytes] | None:
+    """One part's (name, filename or None, Content-Type, payload); None if malformed.
+
+    Only Content-Disposition (form-data, with a name) and Content-Type are allowed (RFC
+    7578 4.7 deprecates Content-Transfer-Encoding): the payload is the raw bytes."""
+    head, found, payload = chunk.partition(b"\r\n\r\n")
+    if not found:
+        return None
+    headers: dict[str, str] = {}
+    for line in head.decode("utf-8").split("\r\n"):
+        name, colon, value = line.partition(":")
+        key = name.lower()
+        if not colon or key not in ("content-disposition", "content-type") or key in headers:
+            return None
+        headers[key] = value.strip()
+    disposition = _header_parameters(headers.get("content-disposition", ""))
+    if disposition is None or disposition[0] != "form-data" or "name" not in disposition[1]:
+        return None
+    parameters = disposition[1]
+    return parameters["name"], parameters.get("filename"), headers.get("content-type", ""), \
+        payload
+
+
+def _parse_multipart(content_type: str, body: bytes) -> Form | None:
+    """A multipart/form-data body (RFC 7578): no preamble, CRLF line ends, a closing
+    delimiter; text parts strict UTF-8, file parts kept byte for byte."""
+    parsed = _header_parameters(content_type)
+    boundary = parsed[1].get("boundary", "") if parsed is not None else ""
+    if not _BOUNDARY.fullmatch(boundary):
+        return None
+    delimiter = b"--" + boundary.encode("ascii")
+    end = body.find(b"\r\n" + delimiter + b"--")
+    if not body.startswith(delimiter + b"\r\n") or end < 0 or \
+            body[end + len(delimiter) + 4:] not in (b"", b"\r\n"):
+        return None
+    form = Form()
+    for chunk in body[len(delimiter) + 2:end].split(b"\r\n" + delimiter + b"\r\n"):
+        part = _form_part(chunk)
+        if part is None:
+            return None
+        name, filename, media, payload = part
+        if filename is None:
+            form.setdefault(name, []).append(payload.decode("utf-8"))
         else:
-            value = (part.get_payload(decode=True) or b"").decode("utf-8")
-        fields.setdefault(email.utils.collapse_rfc2231_value(name), []).append(value)
-    return fields
+            form.setdefault(name, []).append(filename)
+            form.files.append(FilePart(name, filename, media, payload))
+    return form
 
 
-def _mailgun_problem(fields: dict[str, list[str]]) -> str | None:
+_MG_FILE_FIELDS = ("attachment", "inline")
+_MG_OPTIONS_LIMIT = 16 * 1024  # bytes of o:, h:, v: and t: parameters, names included [M1]
+_MG_OPTIONS = "Send options (parameters starting with o:, h:, or v:) are limited to 16KB total"
+_MG_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
+
+
+def _mailgun_file_problem(form: Mapping[str, list[str]]) -> str | None:
+    """Files only as multipart file parts named attachment or inline (mailgun.js's
+    fileKeys), each with a file name and a type/subtype (wording assumed)."""
+    files: list[FilePart] = getattr(form, "files", [])
+    for name in _MG_FILE_FIELDS:
+        if len(form.get(name, [])) != sum(part.name == name for part in files):
+            return f"'{name}' parameter must be a file: send it as multipart/form-data"
+    for part in files:
+        if part.name not in _MG_FILE_FIELDS:
+            return f"'{part.name}' parameter is not a file parameter"
+        if not part.filename or not _MEDIA_TYPE.fullmatch(part.content_type):
+            return f"'{part.name}' file needs a file name and a Content-Type"
+    return None
+
+
+def _mailgun_option_problem(form: Mapping[str, list[str]]) -> str | None:
+    """The documented options limits [M1]: 16 KB of options, at most 3 tags of at most 128
+    ASCII characters each; h: names RFC 5322 field names, values one line (wording assumed
+    but for the 16 KB one, which is the document's)."""
+    size = sum(len((name + value).encode()) for name, values in form.items()
+               if name[:2] in ("o:", "h:", "v:", "t:") for value in values)
+    if size > _MG_OPTIONS_LIMIT:
+        return _MG_OPTIONS
+    tags = form.get("o:tag", [])
+    if len(tags) > 3 or not all(tag.isascii() and 0 < len(tag) <= 128 for tag in tags):
+        return "'o:tag' is invalid: at most 3 tags of 1-128 ASCII characters"
+    for name, values in form.items():
+        if name.startswith("h:") and (not _MG_FIELD_NAME.fullmatch(name[2:]) or any(
+                "\r" in value or "\n" in value for value in values)):
+            return f"'{name}' is not a valid header"
+    return None
+
+
+def _mailgun_problem(fields: Mapping[str, list[str]]) -> str | None:
     """Mailgun's 400 message for the first problem in ``fields``, in Mailgun's order."""
 
     def present(name: str, blank_counts: bool = False) -> bool:
@@ -699,7 +812,7 @@ def _mailgun_problem(fields: dict[str, list[str]]) -> str | None:
             addresses = [value.strip()] if name == "from" else _split_addresses(value)
             if not addresses or not all(_NAMED_ADDRESS.fullmatch(a) for a in addresses):
                 return f"'{name}' parameter is not a valid address. please check documentation"
-    return None
+    return _mailgun_file_problem(fields) or _mailgun_option_problem(fields)
 
 
 class FakeMailgun(_FakeProvider):
@@ -707,9 +820,13 @@ class FakeMailgun(_FakeProvider):
 
     Checks, in order: body size (413 nginx HTML), path and method (404 nginx HTML), Authorization
     ``Basic base64("api:<api_key>")`` (401 ``Forbidden``), domain (404 "Domain not found"), a form
-    body (urlencoded or multipart, strict UTF-8; anything else, JSON included, parses to no fields
-    and gets "from parameter is missing"), then from/to/subject/text|html|amp-html|template and
-    the address syntax (400 with Mailgun's wording). Success is 200 JSON with an id
+    body (urlencoded or multipart/form-data parsed to the byte, strict UTF-8; anything else, JSON
+    included, parses to no fields and gets "from parameter is missing"), then
+    from/to/subject/text|html|amp-html|template and the address syntax of from, to, cc and bcc
+    (400 with Mailgun's wording), then files (only as multipart parts named ``attachment`` or
+    ``inline``, each with a file name and a type) and options (16 KB in all, at most 3 ASCII
+    ``o:tag`` values of at most 128 characters, ``h:`` names RFC 5322 field names with one-line
+    values). Success is 200 JSON with an id
     ``<YYYYmmddHHMMSS.N@domain>``. ``accepted`` holds the parsed forms (``dict[str, list[str]]``).
     """
 
@@ -848,65 +965,194 @@ def _sg_recipients(people: Any, where: str, required: bool) -> list[dict[str, An
     return problems
 
 
-def _sendgrid_problems(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every shape problem of a mail/send body, each as a SendGrid error object."""
+# Wording from real responses [G4][G7] where there is one; the rest is marked assumed.
+_SG_DUPLICATE = ("Each email address in the personalization block should be unique between to, "
+                 "cc, and bcc. We found the first duplicate instance of [{0}] in the {1} field.")
+_SG_CONTENT_ORDER = ("Following RFC 1341, section 7.2, if either text/html or text/plain are to be "
+                     "sent in your email: text/plain needs to be first, followed by text/html, "
+                     "followed by any other content.")
+_SG_CONTENT_TWICE = "If present, text/plain and text/html may only be provided once."  # assumed
+_SG_BASE64 = "The attachment content must be base64 encoded."
+_SG_FILENAME = "The attachment filename parameter is required."  # assumed
+_SG_ATTACHMENT_TYPE = "The attachment type cannot contain ';', or CRLF characters."  # assumed
+_SG_DISPOSITION = "The disposition of your attachment can be either 'inline' or 'attachment'."
+_SG_CONTENT_ID = "The content_id parameter is required if the disposition is 'inline'."  # assumed
+_SG_REPLY_TO = "The reply_to email does not contain a valid address."  # assumed
+_SG_RESERVED = "The header {0} is reserved and cannot be set."  # assumed
+_SG_CATEGORIES = "The categories may hold at most 10 unique names of at most 255 characters."
+_SG_CUSTOM_ARGS = "The custom_args may not exceed 10,000 bytes."  # assumed
+# The document: "You may not override the following headers".
+_SG_RESERVED_HEADERS = frozenset({"x-sg-id", "x-sg-eid", "received", "dkim-signature",
+                                  "content-type", "content-transfer-encoding", "to", "from",
+                                  "subject", "reply-to", "cc", "bcc"})
+
+
+def _sg_address(party: Any, where: str, missing: str, invalid: str) -> list[dict[str, Any]]:
+    """A from or reply_to object: {"email", "name"?}."""
+    if not isinstance(party, dict):
+        return [_sg_error(missing, where)]
+    if "email" not in party:
+        return [_sg_error(missing, f"{where}.email")]
+    if not isinstance(party["email"], str):
+        return [_invalid_type("string", party["email"], f"{where}.email")]
+    if not _BARE_ADDRESS.fullmatch(party["email"]):
+        return [_sg_error(invalid, f"{where}.email")]
+    if "name" in party and not isinstance(party["name"], str):
+        return [_invalid_type("string", party["name"], f"{where}.name")]
+    return []
+
+
+def _sg_custom_args(args: Any, where: str) -> list[dict[str, Any]]:
+    """An object of string values, 10,000 bytes at most: what the SDKs send (the document
+    types the top-level one a string, but sendgrid-nodejs and -python send an object)."""
+    if not isinstance(args, dict):
+        return [_invalid_type("object", args, where)]
+    problems = [_invalid_type("string", value, f"{where}.{key}")
+                for key, value in args.items() if not isinstance(value, str)]
+    if not problems and len(json.dumps(args).encode()) > 10_000:
+        problems.append(_sg_error(_SG_CUSTOM_ARGS, where))
+    return problems
+
+
+def _sg_personalization(personalization: Any, where: str) -> tuple[list[dict[str, Any]], int]:
+    """Problems of one personalization, and how many recipients it has."""
+    if not isinstance(personalization, dict):
+        return [_invalid_type("object", personalization, where)], 0
     problems: list[dict[str, Any]] = []
-    template = _nonempty_string(message.get("template_id"))
+    recipients = 0
+    seen: set[str] = set()
+    for kind in ("to", "cc", "bcc"):
+        if kind != "to" and kind not in personalization:
+            continue
+        people = personalization.get(kind)
+        found = _sg_recipients(people, f"{where}.{kind}", required=kind == "to")
+        problems += found
+        if found or not isinstance(people, list):
+            continue
+        recipients += len(people)
+        for person in people:
+            address = person["email"].lower()
+            if address in seen and not problems:
+                problems.append(_sg_error(_SG_DUPLICATE.format(person["email"], f"{where}.{kind}"),
+                                          f"{where}.{kind}"))
+            seen.add(address)
+    if "custom_args" in personalization:
+        problems += _sg_custom_args(personalization["custom_args"], f"{where}.custom_args")
+    return problems, recipients
+
+
+def _sg_personalizations(message: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """Problems of the personalizations, and whether every one has a subject."""
     personalizations = message.get("personalizations")
     if not isinstance(personalizations, list) or not personalizations:
-        problems.append(_sg_error(_SG_PERSONALIZATIONS, "personalizations"))
-        personalizations = []
-    elif len(personalizations) > 1000:
+        return [_sg_error(_SG_PERSONALIZATIONS, "personalizations")], False
+    problems: list[dict[str, Any]] = []
+    if len(personalizations) > 1000:
         problems.append(_sg_error(_SG_TOO_MANY_PERSONALIZATIONS, "personalizations"))
-    every_one_has_subject = bool(personalizations)
     recipients = 0
+    every_one_has_subject = True
     for n, personalization in enumerate(personalizations):
-        where = f"personalizations.{n}"
-        if not isinstance(personalization, dict):
-            problems.append(_invalid_type("object", personalization, where))
-            every_one_has_subject = False
-            continue
-        for kind in ("to", "cc", "bcc"):
-            if kind == "to" or kind in personalization:
-                people = personalization.get(kind)
-                problems += _sg_recipients(people, f"{where}.{kind}", required=kind == "to")
-                recipients += len(people) if isinstance(people, list) else 0
-        every_one_has_subject &= _nonempty_string(personalization.get("subject"))
+        found, count = _sg_personalization(personalization, f"personalizations.{n}")
+        problems += found
+        recipients += count
+        every_one_has_subject &= isinstance(personalization, dict) and \
+            _nonempty_string(personalization.get("subject"))
     if recipients > 1000:
         problems.append(_sg_error(_SG_TOO_MANY_RECIPIENTS, "personalizations"))
+    return problems, every_one_has_subject
 
-    sender = message.get("from")
-    if not isinstance(sender, dict):
-        problems.append(_sg_error(_SG_FROM, "from"))
-    elif "email" not in sender:
-        problems.append(_sg_error(_SG_FROM, "from.email"))
-    elif not isinstance(sender["email"], str):
-        problems.append(_invalid_type("string", sender["email"], "from.email"))
-    elif not _BARE_ADDRESS.fullmatch(sender["email"]):
-        problems.append(_sg_error(_SG_FROM_ADDRESS, "from.email"))
 
+def _sg_content(content: Any, template: bool) -> list[dict[str, Any]]:
+    if content is None or content == []:
+        return [] if template else [_sg_error(_SG_CONTENT, "content")]
+    if not isinstance(content, list):
+        return [_invalid_type("array", content, "content")]
+    problems = []
+    types = []
+    for k, block in enumerate(content):
+        if not isinstance(block, dict):
+            problems.append(_invalid_type("object", block, f"content.{k}"))
+            continue
+        types.append(block.get("type"))
+        if block.get("type") not in ("text/plain", "text/html"):
+            problems.append(_sg_error(_SG_CONTENT_TYPE, f"content.{k}.type"))
+        if not _nonempty_string(block.get("value")):
+            problems.append(_sg_error(_SG_CONTENT_VALUE, f"content.{k}.value"))
+    if types.count("text/plain") > 1 or types.count("text/html") > 1:
+        problems.append(_sg_error(_SG_CONTENT_TWICE, "content"))
+    elif "text/plain" in types and "text/html" in types and types.index("text/plain") > 0:
+        problems.append(_sg_error(_SG_CONTENT_ORDER, "content"))
+    return problems
+
+
+def _sg_attachment(attachment: Any, where: str) -> list[dict[str, Any]]:
+    """The document's attachment object, plus the real API's strict base64 [G7]."""
+    if not isinstance(attachment, dict):
+        return [_invalid_type("object", attachment, where)]
+    problems = []
+    content = attachment.get("content")
+    try:
+        if not _nonempty_string(content):
+            raise ValueError("empty")
+        binascii.a2b_base64(content, strict_mode=True)
+    except ValueError:
+        problems.append(_sg_error(_SG_BASE64, f"{where}.content"))
+    if not isinstance(attachment.get("filename"), str):
+        problems.append(_sg_error(_SG_FILENAME, f"{where}.filename"))
+    kind = attachment.get("type", "x/y")
+    if not _nonempty_string(kind) or any(ch in kind for ch in ";\r\n"):
+        problems.append(_sg_error(_SG_ATTACHMENT_TYPE, f"{where}.type"))
+    disposition = attachment.get("disposition", "attachment")
+    if disposition not in ("inline", "attachment"):
+        problems.append(_sg_error(_SG_DISPOSITION, f"{where}.disposition"))
+    content_id = attachment.get("content_id")
+    if (content_id is not None and not isinstance(content_id, str)) or \
+            (disposition == "inline" and not _nonempty_string(content_id)):
+        problems.append(_sg_error(_SG_CONTENT_ID, f"{where}.content_id"))
+    return problems
+
+
+def _sg_extras(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """reply_to, headers, attachments, categories and custom_args, as the document has them."""
+    problems: list[dict[str, Any]] = []
+    if "reply_to" in message:
+        problems += _sg_address(message["reply_to"], "reply_to", _SG_REPLY_TO, _SG_REPLY_TO)
+    headers = message.get("headers", {})
+    if not isinstance(headers, dict):
+        problems.append(_invalid_type("object", headers, "headers"))
+    else:
+        problems += [_invalid_type("string", value, f"headers.{name}")
+                     for name, value in headers.items() if not isinstance(value, str)]
+        problems += [_sg_error(_SG_RESERVED.format(name), "headers")
+                     for name in headers if name.lower() in _SG_RESERVED_HEADERS]
+    attachments = message.get("attachments", [])
+    if not isinstance(attachments, list):
+        problems.append(_invalid_type("array", attachments, "attachments"))
+    else:
+        for n, attachment in enumerate(attachments):
+            problems += _sg_attachment(attachment, f"attachments.{n}")
+    categories = message.get("categories", [])
+    if not isinstance(categories, list) or len(categories) > 10 or \
+            not all(isinstance(c, str) and len(c) <= 255 for c in categories) or \
+            len(set(categories)) != len(categories):
+        problems.append(_sg_error(_SG_CATEGORIES, "categories"))
+    if "custom_args" in message:
+        problems += _sg_custom_args(message["custom_args"], "custom_args")
+    return problems
+
+
+def _sendgrid_problems(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every shape problem of a mail/send body, each as a SendGrid error object."""
+    template = _nonempty_string(message.get("template_id"))
+    problems, every_one_has_subject = _sg_personalizations(message)
+    problems += _sg_address(message.get("from"), "from", _SG_FROM, _SG_FROM_ADDRESS)
     subject = message.get("subject")
     if subject is not None and not isinstance(subject, str):
         problems.append(_invalid_type("string", subject, "subject"))
     elif not (template or _nonempty_string(subject) or every_one_has_subject):
         problems.append(_sg_error(_SG_SUBJECT, "subject"))
-
-    content = message.get("content")
-    if content is None or content == []:
-        if not template:
-            problems.append(_sg_error(_SG_CONTENT, "content"))
-    elif not isinstance(content, list):
-        problems.append(_invalid_type("array", content, "content"))
-    else:
-        for k, block in enumerate(content):
-            if not isinstance(block, dict):
-                problems.append(_invalid_type("object", block, f"content.{k}"))
-                continue
-            if block.get("type") not in ("text/plain", "text/html"):
-                problems.append(_sg_error(_SG_CONTENT_TYPE, f"content.{k}.type"))
-            if not _nonempty_string(block.get("value")):
-                problems.append(_sg_error(_SG_CONTENT_VALUE, f"content.{k}.value"))
-    return problems
+    problems += _sg_content(message.get("content"), template)
+    return problems + _sg_extras(message)
 
 
 def _accepts_json(accept: str) -> bool:
@@ -919,7 +1165,11 @@ class FakeSendGrid(_FakeProvider):
     Checks, in order: body size (413), path (404) and method (405), Authorization
     ``Bearer <api_key>`` (401), ``Accept: application/json`` when ``require_accept`` (406),
     Content-Type ``application/json`` (415), a UTF-8 JSON object (400 "Bad Request"), every shape
-    rule at once (one 400 listing each problem with its ``field``), then the sender against
+    rule at once (one 400 listing each problem with its ``field``: the personalizations with their
+    to, cc and bcc, no address twice among them; from and reply_to; subject; content, text/plain
+    before text/html; headers, none of those SendGrid reserves; attachments with strict base64,
+    a filename, a type, a disposition and a content_id when inline; categories; custom_args of
+    strings), then the sender against
     ``verified_senders`` (403; None allows any sender). Success is 202 with an empty body and
     ``X-Message-Id``. Every response carries X-RateLimit-Limit/Remaining/Reset. ``accepted``
     holds the parsed JSON bodies.

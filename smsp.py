@@ -33,6 +33,7 @@ request was written) is never re-sent through another provider.
 import argparse
 import atexit
 import base64
+import binascii
 import bisect
 import collections
 import contextvars
@@ -78,6 +79,20 @@ MAX_ADDRESS_FIELD = 320
 MAX_ADDRESS = 254
 MAX_LOCAL_PART = 64
 MAX_SUBJECT = 998  # RFC 5322 line length
+MAX_RECIPIENTS = 50  # to, cc and bcc together
+MAX_CUSTOM_HEADERS = 10
+MAX_HEADER_NAME = 64
+MAX_HEADER_VALUE = 998  # RFC 5322 line length
+MAX_ATTACHMENTS = 10
+MAX_FILENAME = 255
+MAX_CONTENT_ID = 255
+MAX_TAGS = 3  # Mailgun's limit, the strictest of the providers'
+MAX_TAG = 128
+MAX_METADATA = 10
+MAX_METADATA_TEXT = 128  # characters of each key and each value
+MAX_METADATA_BYTES = 1024  # UTF-8 bytes of every key and value together
+DEFAULT_MAX_ATTACHMENT_BYTES = 10 << 20  # decoded, per message: what Postmark and SES allow
+BODY_HEADROOM = 1 << 20  # request bytes allowed besides the attachments' base64
 MAX_PROVIDER_REPLY = 1 << 20  # bytes of a provider reply we are willing to read
 MAX_PROVIDER_MESSAGE = 500  # characters of a provider's error message passed to the client
 MAX_SECRET_FILE = 65536  # characters read from a <NAME>_FILE secret
@@ -465,6 +480,16 @@ def _parse_region(text: str) -> str:
     return region
 
 
+def base64_size(size: int) -> int:
+    """The length of ``size`` bytes in base64 with padding (RFC 4648)."""
+    return 4 * -(-size // 3)
+
+
+def body_bytes_for(attachment_bytes: int) -> int:
+    """The request size that fits attachments of ``attachment_bytes`` as base64, and the rest."""
+    return base64_size(attachment_bytes) + BODY_HEADROOM
+
+
 def _parse_poll_address(text: str) -> Address:
     try:
         return parse_address("SMSP_POLL_MESSAGE_ADDRESS", text.strip())
@@ -478,6 +503,8 @@ class Setting:
 
     ``required`` means it must be set (for a provider's row: when that
     provider is in use).  ``secret`` values are masked wherever shown.
+    ``follows``, when given, makes the value of an unset row follow from the
+    rows above it (``default`` is then what it is with their defaults).
     """
 
     env: str
@@ -487,6 +514,7 @@ class Setting:
     help: str
     secret: bool = False
     required: bool = False
+    follows: Callable[[Mapping[str, Any]], Any] | None = None
 
     def shown(self, value: Any) -> str:
         """The value as --check-config and --help print it."""
@@ -518,8 +546,14 @@ SETTINGS: tuple[Setting, ...] = (
             "cap of the doubling poll interval"),
     Setting("SMSP_FAILURE_THRESHOLD", "failure_threshold", _number(int, 1), 1,
             "consecutive failures that open a circuit"),
-    Setting("SMSP_MAX_BODY_BYTES", "max_body_bytes", _number(int, 1), 1 << 20,
-            "largest request body accepted"),
+    Setting("SMSP_MAX_ATTACHMENT_BYTES", "max_attachment_bytes", _number(int, 0),
+            DEFAULT_MAX_ATTACHMENT_BYTES,
+            "largest total decoded size of one message's attachments"),
+    Setting("SMSP_MAX_BODY_BYTES", "max_body_bytes", _number(int, 1),
+            body_bytes_for(DEFAULT_MAX_ATTACHMENT_BYTES),
+            "largest request body accepted; unset, SMSP_MAX_ATTACHMENT_BYTES as base64 "
+            "plus 1 MiB for the rest",
+            follows=lambda values: body_bytes_for(values["max_attachment_bytes"])),
     Setting("SMSP_HOST", "host", _parse_text, "0.0.0.0", "listen address (--host)"),
     Setting("SMSP_PORT", "port", _number(int, 0, 65535), 8080, "listen port (--port)"),
     Setting("SMSP_LOG_OUTPUT_FORMAT", "log_format", _parse_log_format, "DEBUG",
@@ -573,7 +607,7 @@ def parse_settings(rows: Iterable[Setting], env: Mapping[str, str],
     for row in rows:
         raw = _raw_setting(row, env, problems)
         if raw.strip() == "":
-            values[row.field] = row.default
+            values[row.field] = row.default if row.follows is None else row.follows(values)
             continue
         try:
             values[row.field] = row.parse(raw)
@@ -601,6 +635,7 @@ class Config:
     poll_interval_max: float
     failure_threshold: int
     max_body_bytes: int
+    max_attachment_bytes: int
     host: str
     port: int
     log_format: str
@@ -894,6 +929,12 @@ class Message:
         """Everyone the message goes to: to, cc and bcc."""
         return self.to + self.cc + self.bcc
 
+    def mime_size(self) -> int:
+        """About the size of the message as MIME: its bodies, and its attachments as base64."""
+        return len(self.text.encode("utf-8", "surrogatepass")) + \
+            len(self.html.encode("utf-8", "surrogatepass")) + \
+            sum(base64_size(len(a.content)) for a in self.attachments)
+
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
@@ -932,11 +973,28 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return document
 
 
-def _parse_subject(field: str, value: Any) -> str:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """The configured bounds a message is held to (the fixed ones are constants)."""
+
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
+
+    @classmethod
+    def of(cls, config: Config) -> "Limits":
+        return cls(max_attachment_bytes=config.max_attachment_bytes)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _parse_line(field: str, value: Any, most: int, *, empty: bool = True) -> str:
+    """A string of at most ``most`` characters without control characters."""
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
-    if len(value) > MAX_SUBJECT:
-        raise ValidationError(field, f"must be at most {MAX_SUBJECT} characters")
+    if not value and not empty:
+        raise ValidationError(field, "must not be empty")
+    if len(value) > most:
+        raise ValidationError(field, f"must be at most {most} characters")
     if not (value.isascii() and value.isprintable()):
         if _CONTROL_RE.search(value):
             raise ValidationError(field, "must not contain CR, LF or other control characters")
@@ -944,7 +1002,11 @@ def _parse_subject(field: str, value: Any) -> str:
     return value
 
 
-def _parse_body(field: str, value: Any) -> str:
+def _parse_subject(field: str, value: Any, limits: Limits) -> str:
+    return _parse_line(field, value, MAX_SUBJECT)
+
+
+def _parse_body(field: str, value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
     if "\x00" in value:
@@ -953,8 +1015,202 @@ def _parse_body(field: str, value: Any) -> str:
     return value
 
 
-def _parse_recipient(field: str, value: Any) -> tuple[Address, ...]:
-    return (parse_address(field, value),)
+def _parse_one_address(field: str, value: Any, limits: Limits) -> Address:
+    return parse_address(field, value)
+
+
+def _address_list(field: str, value: Any, least: int) -> tuple[Address, ...]:
+    if not isinstance(value, list):
+        raise ValidationError(field, "must be a list of addresses")
+    if not least <= len(value) <= MAX_RECIPIENTS:
+        raise ValidationError(field, f"must hold {least} to {MAX_RECIPIENTS} addresses")
+    return tuple(parse_address(f"{field}[{n}]", item) for n, item in enumerate(value))
+
+
+def _parse_to(field: str, value: Any, limits: Limits) -> tuple[Address, ...]:
+    """One address, as the original API took it, or a list of them."""
+    if isinstance(value, str):
+        return (parse_address(field, value),)
+    if not isinstance(value, list):
+        raise ValidationError(field, "must be an address or a list of addresses")
+    return _address_list(field, value, 1)
+
+
+def _parse_copies(field: str, value: Any, limits: Limits) -> tuple[Address, ...]:
+    return _address_list(field, value, 0)
+
+
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: visible ASCII but ":"
+_LIST_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})  # RFC 2369, 8058
+# The message's own header fields, and the names the providers keep for themselves.
+_RESERVED_HEADERS = frozenset({
+    "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id",
+    "in-reply-to", "references", "mime-version", "content-type", "content-transfer-encoding",
+    "content-disposition", "content-id", "return-path", "received", "dkim-signature",
+    "x-sg-id", "x-sg-eid", "x-smtpapi",  # SendGrid's
+    "x-tag", "x-metadata",  # where the SMTP provider writes tags and metadata
+    "x-pm-tag", "x-pm-metadata", "x-ses-configuration-set",  # Postmark's and SES's
+})
+_RESERVED_PREFIXES = ("x-mailgun-",)  # Mailgun's own: X-Mailgun-Variables, -Tag, -Sid...
+
+
+def _check_header_name(field: str, name: str) -> None:
+    if len(name) > MAX_HEADER_NAME or not _FIELD_NAME_RE.fullmatch(name):
+        raise ValidationError(field, f"header name {name!r} must be 1-{MAX_HEADER_NAME} "
+                                     "visible ASCII characters without ':' (RFC 5322)")
+    lowered = name.lower()
+    if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):
+        raise ValidationError(field, f"header {name!r} is reserved")
+    if not ((lowered.startswith("x-") and len(name) > 2) or lowered in _LIST_HEADERS):
+        raise ValidationError(field, f"header {name!r} is not allowed: names start with X-, "
+                                     "or are List-Unsubscribe or List-Unsubscribe-Post")
+
+
+def _parse_headers(field: str, value: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object of header names and values")
+    if len(value) > MAX_CUSTOM_HEADERS:
+        raise ValidationError(field, f"must hold at most {MAX_CUSTOM_HEADERS} headers")
+    seen: set[str] = set()
+    for name, text in value.items():
+        _check_header_name(field, name)
+        if name.lower() in seen:
+            raise ValidationError(field, f"header {name!r} is given twice")
+        seen.add(name.lower())
+        _parse_line(f"{field}.{name}", text, MAX_HEADER_VALUE, empty=False)
+    return tuple(value.items())
+
+
+_TOKEN = r"[!#$%&'*+.^_`{|}~0-9A-Za-z-]+"  # RFC 2045
+CONTENT_TYPE_PATTERN = rf"^{_TOKEN}/{_TOKEN}$"
+_CONTENT_TYPE_RE = re.compile(CONTENT_TYPE_PATTERN)
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+FILENAME_PATTERN = r"^(?!\.\.?$)[^\x00-\x1f\x7f-\x9f\u2028\u2029/\\]+$"
+_FILENAME_RE = re.compile(FILENAME_PATTERN)
+CONTENT_ID_PATTERN = r"^[A-Za-z0-9!#$%&'*+.=?^_`{|}~@-]+$"  # RFC 5322 atext and . @
+_CONTENT_ID_RE = re.compile(CONTENT_ID_PATTERN)
+_ATTACHMENT_KEYS = ("filename", "content_type", "content", "content_id")
+
+
+_ATTACHMENT_RULES: Mapping[str, tuple[re.Pattern[str], int, str]] = {
+    "filename": (_FILENAME_RE, MAX_FILENAME,
+                 "a file name without a path separator or control character"),
+    "content_type": (_CONTENT_TYPE_RE, 255, "a type/subtype pair of tokens like application/pdf"),
+    "content_id": (_CONTENT_ID_RE, MAX_CONTENT_ID, "letters, digits and !#$%&'*+-./=?^_`{|}~@"),
+}
+
+
+def _attachment_text(field: str, item: dict[str, Any], key: str) -> str:
+    """One of an attachment's strings, checked; "" for an absent content_id."""
+    where = f"{field}.{key}"
+    if key not in item:
+        if key == "content_id":
+            return ""
+        raise ValidationError(where, "is required")
+    value = item[key]
+    if not isinstance(value, str):
+        raise ValidationError(where, "must be a string")
+    rule = _ATTACHMENT_RULES.get(key)
+    if rule is not None:
+        pattern, most, what = rule
+        if len(value) > most or not pattern.fullmatch(value):
+            raise ValidationError(where, f"must be {what}, at most {most} characters")
+        _check_text(where, value)
+    return value
+
+
+def _decoded_size(field: str, text: str) -> int:
+    """The size ``text`` decodes to, from its length alone; padding is required."""
+    if not text or len(text) % 4:
+        raise ValidationError(field, "must be base64 (RFC 4648) with padding, not empty")
+    return len(text) // 4 * 3 - (2 if text.endswith("==") else 1 if text.endswith("=") else 0)
+
+
+def _decode(field: str, text: str) -> bytes:
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        raise ValidationError(field, "must be base64 (RFC 4648) with padding, without line "
+                                     "breaks or other characters") from None
+
+
+def _attachment_shape(field: str, item: Any) -> tuple[str, ...]:
+    if not isinstance(item, dict):
+        raise ValidationError(field, "must be an object {filename, content_type, content}")
+    for key in item:
+        if key not in _ATTACHMENT_KEYS:
+            raise ValidationError(field, f"has an unknown key {key!r}")
+    return tuple(_attachment_text(field, item, key) for key in _ATTACHMENT_KEYS)
+
+
+def _parse_attachments(field: str, value: Any, limits: Limits) -> tuple[Attachment, ...]:
+    """Each item checked, the total size checked from the base64 lengths, then each
+    decoded once: a message over the limit is refused before any decoding."""
+    if not isinstance(value, list):
+        raise ValidationError(field, "must be a list of attachments")
+    if len(value) > MAX_ATTACHMENTS:
+        raise ValidationError(field, f"must hold at most {MAX_ATTACHMENTS} attachments")
+    shapes = [_attachment_shape(f"{field}[{n}]", item) for n, item in enumerate(value)]
+    total = sum(_decoded_size(f"{field}[{n}].content", shape[2])
+                for n, shape in enumerate(shapes))
+    if total > limits.max_attachment_bytes:
+        raise ValidationError(field, f"decode to {total} bytes in all; at most "
+                                     f"{limits.max_attachment_bytes} (SMSP_MAX_ATTACHMENT_BYTES)")
+    ids = [shape[3] for shape in shapes if shape[3]]
+    if len(set(ids)) != len(ids):
+        raise ValidationError(field, "give each content_id to one attachment only")
+    return tuple(Attachment(name, kind, _decode(f"{field}[{n}].content", content), cid)
+                 for n, (name, kind, content, cid) in enumerate(shapes))
+
+
+_TAG_RE = re.compile(rf"[\x20-\x7e]{{1,{MAX_TAG}}}")
+
+
+def _parse_tags(field: str, value: Any, limits: Limits) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValidationError(field, "must be a list of strings")
+    if len(value) > MAX_TAGS:
+        raise ValidationError(field, f"must hold at most {MAX_TAGS} tags")
+    for n, tag in enumerate(value):
+        if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+            raise ValidationError(f"{field}[{n}]", f"must be 1-{MAX_TAG} printable ASCII "
+                                                   "characters")
+    if len(set(value)) != len(value):
+        raise ValidationError(field, "must not hold the same tag twice")
+    return tuple(value)
+
+
+def _parse_metadata(field: str, value: Any, limits: Limits) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must be an object of string keys and string values")
+    if len(value) > MAX_METADATA:
+        raise ValidationError(field, f"must hold at most {MAX_METADATA} entries")
+    for key, text in value.items():
+        if not key:
+            raise ValidationError(field, "keys must not be empty")
+        _parse_line(f"{field} key {key!r}", key, MAX_METADATA_TEXT)
+        _parse_line(f"{field}.{key}", text, MAX_METADATA_TEXT)
+    size = sum(len(key.encode()) + len(text.encode()) for key, text in value.items())
+    if size > MAX_METADATA_BYTES:
+        raise ValidationError(field, f"must be at most {MAX_METADATA_BYTES} bytes of keys and "
+                                     f"values in all (UTF-8), not {size}")
+    return tuple(value.items())
+
+
+def _check_recipients(message: Message) -> None:
+    """No address twice (case and display names aside), and MAX_RECIPIENTS in all."""
+    seen: dict[str, str] = {}
+    for field, addresses in (("toaddress", message.to), ("ccaddress", message.cc),
+                             ("bccaddress", message.bcc)):
+        for address in addresses:
+            key = address.email.lower()
+            if key in seen:
+                raise ValidationError(field, f"{address.email} is already a recipient (in "
+                                             f"{seen[key]})")
+            seen[key] = field
+            if len(seen) > MAX_RECIPIENTS:
+                raise ValidationError(field, f"makes more than {MAX_RECIPIENTS} recipients in "
+                                             "toaddress, ccaddress and bccaddress together")
 
 
 _NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
@@ -965,40 +1221,105 @@ ADDRESS_SCHEMA: Mapping[str, Any] = {
                    f"{MAX_ADDRESS} characters, its local part at most {MAX_LOCAL_PART}"}
 
 
+def _addresses(least: int, example: str, description: str) -> dict[str, Any]:
+    # Each list its own example: a document's examples put together make a valid request.
+    return {"type": "array", "minItems": least, "maxItems": MAX_RECIPIENTS, "uniqueItems": True,
+            "items": {**ADDRESS_SCHEMA, "example": example}, "description": description}
+
+
+_RECIPIENTS_RULE = (f"at most {MAX_RECIPIENTS} recipients in toaddress, ccaddress and "
+                    "bccaddress together, no address twice among them (compared without "
+                    "regard to case or display name)")
+ATTACHMENT_SCHEMA: Mapping[str, Any] = {
+    "type": "object", "required": ["filename", "content_type", "content"],
+    "additionalProperties": False, "properties": {
+        "filename": {"type": "string", "minLength": 1, "maxLength": MAX_FILENAME,
+                     "pattern": FILENAME_PATTERN},
+        "content_type": {"type": "string", "maxLength": 255, "pattern": CONTENT_TYPE_PATTERN,
+                         "example": "application/pdf"},
+        "content": {"type": "string", "minLength": 4, "pattern": BASE64_PATTERN,
+                    "description": "the file, base64 (RFC 4648) with padding"},
+        "content_id": {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_ID,
+                       "pattern": CONTENT_ID_PATTERN,
+                       "description": "makes it an inline part that the HTML shows as "
+                                      "cid:<content_id>"}}}
+TEXT_VALUE_SCHEMA: Mapping[str, Any] = {"type": "string", "pattern": _NO_CONTROL}
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One field of the POST /email body: how it is parsed and how it is documented.
 
     ``attribute`` is the Message attribute it fills; a missing optional field
-    leaves the Message's own default.
+    leaves the Message's own default.  ``parse(name, value, limits)`` returns
+    the attribute's value or raises ValidationError naming the field.
     """
 
     name: str
     attribute: str
-    parse: Callable[[str, Any], Any]
+    parse: Callable[[str, Any, Limits], Any]
     schema: Mapping[str, Any]
     required: bool = False
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("fromaddress", "sender", parse_address, ADDRESS_SCHEMA, required=True),
-    Field("toaddress", "to", _parse_recipient, ADDRESS_SCHEMA, required=True),
+    Field("fromaddress", "sender", _parse_one_address, ADDRESS_SCHEMA, required=True),
+    Field("toaddress", "to", _parse_to, {
+        "oneOf": [dict(ADDRESS_SCHEMA), _addresses(1, "someone@example.com", "the recipients")],
+        "description": f"one address, or a list of 1-{MAX_RECIPIENTS}; {_RECIPIENTS_RULE}"},
+        required=True),
+    Field("ccaddress", "cc", _parse_copies,
+          _addresses(0, "copy@example.com", f"copies; {_RECIPIENTS_RULE}")),
+    Field("bccaddress", "bcc", _parse_copies,
+          _addresses(0, "blind@example.com", f"blind copies; {_RECIPIENTS_RULE}")),
     Field("subject", "subject", _parse_subject,
           {"type": "string", "maxLength": MAX_SUBJECT, "pattern": _NO_CONTROL, "default": ""}),
     Field("plaintextbody", "text", _parse_body,
           {"type": "string", "pattern": r"^[^\x00]*$", "default": ""}),
+    Field("htmlbody", "html", _parse_body,
+          {"type": "string", "pattern": r"^[^\x00]*$", "default": "",
+           "description": "the HTML part; it may show inline attachments as cid:<content_id>"}),
+    Field("replyto", "reply_to", _parse_one_address, ADDRESS_SCHEMA),
+    Field("headers", "headers", _parse_headers, {
+        "type": "object", "maxProperties": MAX_CUSTOM_HEADERS,
+        "additionalProperties": {**TEXT_VALUE_SCHEMA, "minLength": 1,
+                                 "maxLength": MAX_HEADER_VALUE},
+        "description": f"custom header fields by name: X-... or List-Unsubscribe and "
+                       f"List-Unsubscribe-Post; a name is at most {MAX_HEADER_NAME} visible "
+                       "ASCII characters without ':', given once whatever its case, and not "
+                       "one a provider reserves (X-SG-ID, X-SG-EID, X-SMTPAPI, X-Mailgun-..., "
+                       "X-Tag, X-Metadata)"}),
+    Field("attachments", "attachments", _parse_attachments, {
+        "type": "array", "maxItems": MAX_ATTACHMENTS, "items": dict(ATTACHMENT_SCHEMA),
+        "description": "files; together at most SMSP_MAX_ATTACHMENT_BYTES once decoded "
+                       f"(default {DEFAULT_MAX_ATTACHMENT_BYTES}), each content_id on one "
+                       "attachment only"}),
+    Field("tags", "tags", _parse_tags, {
+        "type": "array", "maxItems": MAX_TAGS, "uniqueItems": True,
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_TAG,
+                  "pattern": r"^[\x20-\x7e]*$"},
+        "description": "labels the provider reports by (Mailgun tags, SendGrid categories)"}),
+    Field("metadata", "metadata", _parse_metadata, {
+        "type": "object", "maxProperties": MAX_METADATA,
+        "additionalProperties": {**TEXT_VALUE_SCHEMA, "maxLength": MAX_METADATA_TEXT},
+        "description": f"sent with the message, so that provider events can be matched back "
+                       f"to it; keys of 1-{MAX_METADATA_TEXT} characters without control "
+                       f"characters, at most {MAX_METADATA_BYTES} bytes (UTF-8) in all"}),
 )
 
 
-def parse_message(document: Mapping[str, Any]) -> Message:
-    """Validate a decoded POST /email body by FIELDS; unknown fields are ignored."""
+def parse_message(document: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate a decoded POST /email body by FIELDS and ``limits``; unknown fields are
+    ignored."""
     values: dict[str, Any] = {}
     for field in FIELDS:
         if field.name in document:
-            values[field.attribute] = field.parse(field.name, document[field.name])
+            values[field.attribute] = field.parse(field.name, document[field.name], limits)
         elif field.required:
             raise ValidationError(field.name, "is required")
-    return Message(**values)
+    message = Message(**values)
+    _check_recipients(message)
+    return message
 
 
 def message_schema() -> dict[str, Any]:
@@ -1346,12 +1667,14 @@ class Provider:
     deadline)``, which returns a Receipt or raises ProviderError and never
     outlives ``deadline`` (a ``clock()`` time) by more than a moment.
     ``cannot_carry`` names why this provider cannot take a message (it is
-    then skipped for it).  Implementations are thread-safe.
+    then skipped for it); by default, a message over ``max_message_bytes``
+    as MIME.  Implementations are thread-safe.
     """
 
     name: ClassVar[str] = ""
     settings: ClassVar[tuple[Setting, ...]] = ()
     resolves_unknown: ClassVar[bool] = False  # a retry with the same key is sent once at most
+    max_message_bytes: ClassVar[int | None] = None
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], context: ProviderContext) -> "Provider":
@@ -1367,6 +1690,9 @@ class Provider:
 
     def cannot_carry(self, message: Message) -> str | None:
         """Why this provider cannot carry ``message``, or None when it can."""
+        most = self.max_message_bytes
+        if most is not None and (size := message.mime_size()) > most:
+            return f"{self.name} takes at most {most} bytes a message, this one is {size} as MIME"
         return None
 
     def poll_message(self, address: Address) -> Message:
@@ -1464,10 +1790,48 @@ class HTTPProvider(Provider):
         self.client.close()
 
 
+def _quoted(text: str) -> str:
+    """``text`` as a quoted-string (RFC 5322 3.2.4), as Content-Disposition parameters take it."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _boundary(payloads: list[bytes]) -> str:
+    """A random multipart boundary that no payload holds (a clash is a 2**-128 chance)."""
+    while True:
+        boundary = f"smsp-{os.urandom(16).hex()}"
+        if not any(boundary.encode("ascii") in payload for payload in payloads):
+            return boundary
+
+
+def multipart_form_data(fields: Iterable[tuple[str, str]],
+                        files: Iterable[tuple[str, str, str, bytes]]) -> tuple[str, bytes]:
+    """A multipart/form-data body (RFC 7578) and its Content-Type: text ``fields`` as
+    (name, value), then ``files`` as (name, filename, content type, bytes).
+
+    Parts are joined once, so the body is the one copy of the files made here.  Names
+    and file names are quoted-strings of raw UTF-8, as browsers and mailgun.js send them.
+    """
+    parts: list[tuple[str, str, bytes]] = [
+        (f"form-data; name={_quoted(name)}", "", value.encode("utf-8")) for name, value in fields]
+    parts += [(f"form-data; name={_quoted(name)}; filename={_quoted(filename)}", kind, content)
+              for name, filename, kind, content in files]
+    boundary = _boundary([payload for *_, payload in parts])
+    chunks: list[bytes] = []
+    for disposition, kind, payload in parts:
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        if kind:
+            head += f"Content-Type: {kind}\r\n"
+        chunks += [f"{head}\r\n".encode(), payload, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode("ascii"))
+    return f"multipart/form-data; boundary={boundary}", b"".join(chunks)
+
+
 class MailgunProvider(HTTPProvider):
-    """``POST /v3/{domain}/messages``, form-encoded, HTTP Basic ``api:key``."""
+    """``POST /v3/{domain}/messages``, HTTP Basic ``api:key``: form-encoded, or
+    multipart/form-data when the message has attachments (as mailgun.js sends it)."""
 
     name = "mailgun"
+    max_message_bytes = 25_000_000  # "25 MB", Mailgun's documented limit
     settings = (
         Setting("SMSP_MG_DOMAIN", "mg_domain", _parse_text, "", "Mailgun sending domain",
                 required=True),
@@ -1492,12 +1856,39 @@ class MailgunProvider(HTTPProvider):
         self._authorization = f"Basic {token}"
 
     def encode(self, message: Message) -> Outgoing:
-        fields = {"from": str(message.sender), "to": str(message.to[0]),
-                  "subject": message.subject, "text": message.text or " "}
-        return Outgoing(self.path, {"Authorization": self._authorization,
-                                    "Accept": "application/json",
-                                    "Content-Type": "application/x-www-form-urlencoded"},
-                        urllib.parse.urlencode(fields).encode("ascii"))
+        headers = {"Authorization": self._authorization, "Accept": "application/json"}
+        fields = self._fields(message)
+        if not message.attachments:  # as the Python SDK sends it, and as smsp always did
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            return Outgoing(self.path, headers, urllib.parse.urlencode(fields).encode("ascii"))
+        headers["Content-Type"], body = multipart_form_data(fields, self._files(message))
+        return Outgoing(self.path, headers, body)
+
+    @staticmethod
+    def _fields(message: Message) -> list[tuple[str, str]]:
+        """The form's text fields, in Mailgun's own names; repeated names repeat."""
+        fields = [("from", str(message.sender))]
+        for name, addresses in (("to", message.to), ("cc", message.cc), ("bcc", message.bcc)):
+            fields += [(name, str(address)) for address in addresses]
+        fields.append(("subject", message.subject))
+        if message.text or not message.html:
+            fields.append(("text", message.text or " "))  # Mailgun needs a body: one space
+        if message.html:
+            fields.append(("html", message.html))
+        if message.reply_to is not None:
+            fields.append(("h:Reply-To", str(message.reply_to)))
+        fields += [(f"h:{name}", value) for name, value in message.headers]
+        fields += [("o:tag", tag) for tag in message.tags]
+        fields += [(f"v:{key}", value) for key, value in message.metadata]
+        return fields
+
+    @staticmethod
+    def _files(message: Message) -> list[tuple[str, str, str, bytes]]:
+        # Mailgun gives an inline part the Content-ID of its file name (django-anymail
+        # relies on it too), so an inline part is named by its content_id for cid: to work.
+        return [("inline", a.content_id, a.content_type, a.content) if a.content_id
+                else ("attachment", a.filename, a.content_type, a.content)
+                for a in message.attachments]
 
     def error_text(self, reply: Reply) -> str:
         document = json_document(reply)
@@ -1518,6 +1909,7 @@ class SendGridProvider(HTTPProvider):
 
     name = "sendgrid"
     path = "/v3/mail/send"
+    max_message_bytes = 30_000_000  # "30MB" in all, SendGrid's documented limit
     settings = (
         Setting("SMSP_SG_API_KEY", "sg_api_key", _parse_text, "", "SendGrid API key",
                 secret=True, required=True),
@@ -1543,16 +1935,54 @@ class SendGridProvider(HTTPProvider):
             else {"email": address.email}
 
     def encode(self, message: Message) -> Outgoing:
-        document = {  # SendGrid rejects an empty subject or content value: send one space
-            "personalizations": [{"to": [self._party(message.to[0])]}],
-            "from": self._party(message.sender),
-            "subject": message.subject or " ",
-            "content": [{"type": "text/plain", "value": message.text or " "}],
-        }
+        body = json.dumps(self._document(message), separators=(",", ":")).encode("utf-8")
+        if message.attachments:
+            body = self._with_attachments(body, message.attachments)
         return Outgoing(self.path, {"Authorization": self._authorization,
                                     "Accept": "application/json",
-                                    "Content-Type": "application/json"},
-                        json.dumps(document, separators=(",", ":")).encode("utf-8"))
+                                    "Content-Type": "application/json"}, body)
+
+    def _document(self, message: Message) -> dict[str, Any]:
+        """The mail/send body but its attachments: one personalization for everyone."""
+        personalization: dict[str, Any] = {"to": [self._party(a) for a in message.to]}
+        for name, addresses in (("cc", message.cc), ("bcc", message.bcc)):
+            if addresses:
+                personalization[name] = [self._party(a) for a in addresses]
+        if message.metadata:  # typed object here by SendGrid's document (string at the top)
+            personalization["custom_args"] = dict(message.metadata)
+        document: dict[str, Any] = {"personalizations": [personalization],
+                                    "from": self._party(message.sender)}
+        if message.reply_to is not None:
+            document["reply_to"] = self._party(message.reply_to)
+        # SendGrid rejects an empty subject or content value: send one space
+        document["subject"] = message.subject or " "
+        document["content"] = []  # text/plain first, then text/html: SendGrid requires it
+        if message.text or not message.html:
+            document["content"].append({"type": "text/plain", "value": message.text or " "})
+        if message.html:
+            document["content"].append({"type": "text/html", "value": message.html})
+        if message.headers:
+            document["headers"] = dict(message.headers)
+        if message.tags:
+            document["categories"] = list(message.tags)
+        return document
+
+    @staticmethod
+    def _with_attachments(body: bytes, attachments: tuple[Attachment, ...]) -> bytes:
+        """``body`` (a JSON object) with an ``attachments`` member added: each file goes
+        base64-encoded straight into the bytes, never through a JSON string of its own."""
+        chunks = [body[:-1], b',"attachments":[']
+        for n, attachment in enumerate(attachments):
+            rest: dict[str, str] = {"filename": attachment.filename,
+                                    "type": attachment.content_type,
+                                    "disposition": "inline" if attachment.content_id
+                                    else "attachment"}
+            if attachment.content_id:
+                rest["content_id"] = attachment.content_id
+            chunks += [b"," if n else b"", b'{"content":"', base64.b64encode(attachment.content),
+                       b'",', json.dumps(rest, separators=(",", ":")).encode("ascii")[1:]]
+        chunks.append(b"]}")
+        return b"".join(chunks)
 
     def error_text(self, reply: Reply) -> str:
         document = json_document(reply)
@@ -1729,6 +2159,7 @@ class SESProvider(HTTPProvider):
 
     name = "ses"
     path = "/v2/email/outbound-emails"
+    max_message_bytes = 40_000_000  # SES v2: 40 MB a message, after base64
     settings = (
         Setting("SMSP_SES_REGION", "ses_region", _parse_region, "", "AWS region, e.g. eu-west-1",
                 required=True),
@@ -1782,7 +2213,7 @@ class SESProvider(HTTPProvider):
             if not (value.isascii() and len(value) <= 995):
                 return f"SES takes only ASCII header values of at most 995 characters ({name})"
         pairs = tag_pairs(message)
-        return pairs if isinstance(pairs, str) else None
+        return pairs if isinstance(pairs, str) else super().cannot_carry(message)
 
     def encode(self, message: Message) -> Outgoing:
         document: dict[str, Any] = {
@@ -1882,7 +2313,7 @@ class PostmarkProvider(HTTPProvider):
         "413": Outcome.NOT_SENT,  # account may not send
         "100": Outcome.NOT_SENT,  # maintenance (HTTP 503)
     }
-    MAX_BYTES = 10_000_000  # a whole message, attachments included
+    max_message_bytes = 10_000_000  # a whole message, attachments included
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], context: ProviderContext
@@ -1899,10 +2330,7 @@ class PostmarkProvider(HTTPProvider):
     def cannot_carry(self, message: Message) -> str | None:
         if len(message.tags) > 1:
             return "Postmark takes one tag per message"
-        size = sum(len(a.content) for a in message.attachments) * 4 // 3
-        if size + len(message.text) + len(message.html) > self.MAX_BYTES:
-            return "Postmark takes at most 10 MB per message"
-        return None
+        return super().cannot_carry(message)
 
     def encode(self, message: Message) -> Outgoing:
         document: dict[str, Any] = {"From": str(message.sender),
@@ -1961,6 +2389,7 @@ class ResendProvider(HTTPProvider):
     name = "resend"
     path = "/emails"
     resolves_unknown = True
+    max_message_bytes = 40_000_000  # attachments after base64
     settings = (
         Setting("SMSP_RESEND_API_KEY", "resend_api_key", _parse_text, "", "Resend API key",
                 secret=True, required=True),
@@ -1986,7 +2415,7 @@ class ResendProvider(HTTPProvider):
 
     def cannot_carry(self, message: Message) -> str | None:
         pairs = tag_pairs(message)
-        return pairs if isinstance(pairs, str) else None
+        return pairs if isinstance(pairs, str) else super().cannot_carry(message)
 
     def encode(self, message: Message) -> Outgoing:
         document: dict[str, Any] = {"from": str(message.sender), "to": _addresses(message.to),
@@ -3291,6 +3720,7 @@ class Application:
                  idempotency: IdempotencyStore, metrics: Metrics, log: Logger) -> None:
         self.set_keys(config.api_keys)
         self._max_body = config.max_body_bytes
+        self._limits = Limits.of(config)
         self._timeout = config.timeout
         self.dispatcher = dispatcher
         self.idempotency = idempotency
@@ -3385,18 +3815,25 @@ class Application:
         refusal = self._refusal(headers, rid)
         if refusal is not None:
             return refusal
-        raw = request.read_body(int(headers["content-length"]))
         try:
-            document = parse_json_object(raw)
-            message = parse_message(document)
+            message, print_ = self._read_message(request)
         except ValidationError as exc:
             return error_response(400, str(exc), rid, reason="invalid_field")
         key = headers.get("idempotency-key")
-        if key is None:
+        if key is None or print_ is None:
             return self._deliver(message, rid)
         digest = hashlib.sha256(scope + b"\0" + key.encode("ascii")).hexdigest()
-        return self._deliver_once(digest, fingerprint(document),
-                                  dataclasses.replace(message, key=digest), rid)
+        return self._deliver_once(digest, print_, dataclasses.replace(message, key=digest),
+                                  rid)
+
+    def _read_message(self, request: Request) -> tuple[Message, str | None]:
+        """The message and, with an Idempotency-Key, its body's fingerprint.  The raw body
+        and its JSON (attachments as base64) are let go here, before any provider call."""
+        raw = request.read_body(int(request.headers["content-length"]))
+        document = parse_json_object(raw)
+        message = parse_message(document, self._limits)
+        keyed = "idempotency-key" in request.headers
+        return message, fingerprint(document) if keyed else None
 
     def _deliver_once(self, key: str, print_: str, message: Message, rid: str) -> Response:
         try:
@@ -3517,6 +3954,26 @@ class Application:
         return Response(200, text.encode(), content_type=METRICS_TYPE)
 
 
+EMAIL_EXAMPLES: Mapping[str, Any] = {
+    "plain": {"summary": "the original four fields", "value": {
+        "fromaddress": "Alice <alice@example.com>", "toaddress": "bob@example.org",
+        "subject": "Hello", "plaintextbody": "Hello Bob"}},
+    "receipt": {"summary": "HTML with an inline logo and a PDF, to a team", "value": {
+        "fromaddress": "Shop <orders@example.com>",
+        "toaddress": ["Bob <bob@example.org>", "carol@example.org"],
+        "ccaddress": ["accounts@example.org"], "replyto": "help@example.com",
+        "subject": "Your receipt", "plaintextbody": "Thank you for your order.",
+        "htmlbody": "<p><img src=\"cid:logo\"> Thank you for your order.</p>",
+        "headers": {"List-Unsubscribe": "<mailto:unsubscribe@example.com>"},
+        "attachments": [
+            {"filename": "receipt.pdf", "content_type": "application/pdf",
+             "content": "JVBERi0xLjQK"},
+            {"filename": "logo.png", "content_type": "image/png", "content_id": "logo",
+             "content": "iVBORw0KGgo="}],
+        "tags": ["receipt"], "metadata": {"order": "1234"}}},
+}
+
+
 def _answer(description: str, schema: str | None = "Error",
             headers: tuple[str, ...] = ()) -> dict[str, Any]:
     result: dict[str, Any] = {"description": description, "headers": {
@@ -3526,41 +3983,49 @@ def _answer(description: str, schema: str | None = "Error",
     return result
 
 
+def _email_operation(config: Config) -> dict[str, Any]:
+    """The OpenAPI operation of POST /email."""
+    answer = _answer
+    return {
+        "summary": "Send one email",
+        "operationId": "sendEmail",
+        "security": [{"apiKey": []}],
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                        "description": "replays the first final answer for 24 h"}],
+        "requestBody": {"required": True, "content": {JSON_TYPE: {
+            "schema": {"$ref": "#/components/schemas/Email"},
+            "examples": EMAIL_EXAMPLES}}},
+        "responses": {
+            "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
+            "400": answer("invalid request: the message says which field and why"),
+            "401": answer("missing or wrong X-API-KEY"),
+            "408": answer("the request did not arrive within the client timeout"),
+            "409": answer("the first request with this Idempotency-Key is in progress; "
+                          "nothing was sent", "DeliveryError", ("Retry-After",)),
+            "411": answer("Content-Length required"),
+            "413": answer(f"body larger than {config.max_body_bytes} bytes"),
+            "415": answer("Content-Type is not application/json"),
+            "422": answer("a provider rejected the message, no provider can carry it, or "
+                          "the Idempotency-Key was used with another body; not sent",
+                          "DeliveryError", ("Idempotent-Replayed",)),
+            "502": answer("the provider failed; see delivery", "DeliveryError",
+                          ("Idempotent-Replayed",)),
+            "503": answer("every circuit is open (Retry-After says until when), the "
+                          "idempotency store is down, or the server is overloaded or "
+                          "shutting down; not sent", "DeliveryError", ("Retry-After",)),
+            "504": answer("the provider did not answer in time; delivery unknown",
+                          "DeliveryError", ("Idempotent-Replayed",)),
+        },
+    }
+
+
 def _operations(config: Config) -> dict[str, dict[str, Any]]:
     """The OpenAPI operation of each Application handler (its GET or POST)."""
     answer = _answer
     text_plain = {"text/plain": {"schema": {"type": "string"}}}
     return {
-        "email": {
-            "summary": "Send one email",
-            "operationId": "sendEmail",
-            "security": [{"apiKey": []}],
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-                            "description": "replays the first final answer for 24 h"}],
-            "requestBody": {"required": True, "content": {JSON_TYPE: {
-                "schema": {"$ref": "#/components/schemas/Email"}}}},
-            "responses": {
-                "200": answer("sent by a provider", "Sent", ("Idempotent-Replayed",)),
-                "400": answer("invalid request: the message says which field and why"),
-                "401": answer("missing or wrong X-API-KEY"),
-                "408": answer("the request did not arrive within the client timeout"),
-                "409": answer("the first request with this Idempotency-Key is in progress; "
-                              "nothing was sent", "DeliveryError", ("Retry-After",)),
-                "411": answer("Content-Length required"),
-                "413": answer(f"body larger than {config.max_body_bytes} bytes"),
-                "415": answer("Content-Type is not application/json"),
-                "422": answer("a provider rejected the message, no provider can carry it, or "
-                              "the Idempotency-Key was used with another body; not sent",
-                              "DeliveryError", ("Idempotent-Replayed",)),
-                "502": answer("the provider failed; see delivery", "DeliveryError",
-                              ("Idempotent-Replayed",)),
-                "503": answer("every circuit is open (Retry-After says until when), the "
-                              "idempotency store is down, or the server is overloaded or "
-                              "shutting down; not sent", "DeliveryError", ("Retry-After",)),
-                "504": answer("the provider did not answer in time; delivery unknown",
-                              "DeliveryError", ("Idempotent-Replayed",)),
-            }},
+        "email": _email_operation(config),
         "health": {"summary": "Liveness, circuit states and the idempotency store",
                    "operationId": "health",
                    "responses": {"200": answer("serving", "Health")}},
@@ -3594,7 +4059,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "smsp: send-mail service proxy", "version": VERSION,
-                 "description": "Sends one plain-text email through Mailgun or SendGrid with "
+                 "description": "Sends one email (text and HTML, several recipients, "
+                                "attachments) through Mailgun or SendGrid with "
                                 "failover behind circuit breakers. Error bodies on 422, 502, 503 "
                                 "and 504 say whether the mail was not sent or its fate is "
                                 "unknown (do not retry blindly: use Idempotency-Key). Any route "
@@ -3610,42 +4076,47 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 "description": "seconds until the earliest next poll"},
                 "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
             },
-            "schemas": {
-                "Email": message_schema(),
-                "Sent": {"type": "object", "required": ["status", "provider", "message_id"],
-                         "properties": {"status": {"type": "string", "enum": ["sent"]},
-                                        "provider": {"type": "string"},
-                                        "message_id": {"type": "string", "nullable": True}}},
-                "Error": {"type": "object", "required": ["message", "request_id"],
-                          "properties": {"message": {"type": "string"},
-                                         "request_id": {"type": "string"}}},
-                "DeliveryError": {"type": "object",
-                                  "required": ["message", "request_id", "delivery"],
-                                  "properties": {"message": {"type": "string"},
-                                                 "request_id": {"type": "string"},
-                                                 "delivery": {"type": "string",
-                                                              "enum": ["not_sent", "unknown"]}}},
-                "Health": {"type": "object", "required": ["status", "providers"], "properties": {
-                    "status": {"type": "string", "enum": ["ok"]},
-                    "version": {"type": "string"},
-                    "providers": {"type": "array", "items": {
-                        "type": "object",
-                        "required": ["name", "state", "consecutive_failures", "opened_at",
-                                     "next_poll_at", "last_error"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "state": {"type": "string", "enum": ["closed", "open"]},
-                            "consecutive_failures": {"type": "integer", "minimum": 0},
-                            "opened_at": {"type": "string", "format": "date-time",
-                                          "nullable": True},
-                            "next_poll_at": {"type": "string", "format": "date-time",
-                                             "nullable": True},
-                            "last_error": {"type": "string", "nullable": True}}}},
-                    "idempotency": {"type": "object", "required": ["kind", "state"],
-                                    "properties": {"kind": {"type": "string"},
-                                                   "state": {"type": "string"}}}}},
-            },
+            "schemas": _schemas(),
         },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    """The OpenAPI schemas of the request body and of the answers."""
+    return {
+        "Email": message_schema(),
+        "Sent": {"type": "object", "required": ["status", "provider", "message_id"],
+                 "properties": {"status": {"type": "string", "enum": ["sent"]},
+                                "provider": {"type": "string"},
+                                "message_id": {"type": "string", "nullable": True}}},
+        "Error": {"type": "object", "required": ["message", "request_id"],
+                  "properties": {"message": {"type": "string"},
+                                 "request_id": {"type": "string"}}},
+        "DeliveryError": {"type": "object",
+                          "required": ["message", "request_id", "delivery"],
+                          "properties": {"message": {"type": "string"},
+                                         "request_id": {"type": "string"},
+                                         "delivery": {"type": "string",
+                                                      "enum": ["not_sent", "unknown"]}}},
+        "Health": {"type": "object", "required": ["status", "providers"], "properties": {
+            "status": {"type": "string", "enum": ["ok"]},
+            "version": {"type": "string"},
+            "providers": {"type": "array", "items": {
+                "type": "object",
+                "required": ["name", "state", "consecutive_failures", "opened_at",
+                             "next_poll_at", "last_error"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "state": {"type": "string", "enum": ["closed", "open"]},
+                    "consecutive_failures": {"type": "integer", "minimum": 0},
+                    "opened_at": {"type": "string", "format": "date-time",
+                                  "nullable": True},
+                    "next_poll_at": {"type": "string", "format": "date-time",
+                                     "nullable": True},
+                    "last_error": {"type": "string", "nullable": True}}}},
+            "idempotency": {"type": "object", "required": ["kind", "state"],
+                            "properties": {"kind": {"type": "string"},
+                                           "state": {"type": "string"}}}}},
     }
 
 

@@ -579,3 +579,184 @@ def test_https_when_given_an_ssl_context(tls_files: tuple[Path, Path]) -> None:
         for _ in range(2):
             assert call(conn, MG_PATH, urllib.parse.urlencode(MG_FORM), mg_headers()).status == 200
         assert mg.connections == 1
+
+
+# ---------------------------------------------------------------- rich messages: Mailgun
+
+BINARY = bytes(range(256)) + b"\r\n--XyZ\r\n" + b"\x00\xff" * 10  # CRLF, a fake delimiter, NULs
+
+
+def multipart(parts: list[tuple[str, str]], files: list[tuple[str, str, str, bytes]] = (),
+              boundary: str = "XyZ-boundary", extra_head: str = "") -> bytes:
+    """A form-data body built by hand (file parts: name, filename, Content-Type, bytes)."""
+    out = b""
+    for name, value in parts:
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n{extra_head}'
+                f"\r\n{value}\r\n").encode()
+    for name, filename, kind, content in files:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; ' \
+               f'filename="{filename}"\r\n' + (f"Content-Type: {kind}\r\n" if kind else "")
+        out += head.encode() + b"\r\n" + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def mg_multipart(mg: FakeMailgun, body: bytes, boundary: str = "XyZ-boundary") -> Reply:
+    headers = mg_headers(**{"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return call(connect(mg), MG_PATH, body, headers)
+
+
+def test_mailgun_multipart_files_arrive_byte_for_byte(mg: FakeMailgun) -> None:
+    files = [("attachment", 'Résumé \\"final\\".pdf', "application/pdf", BINARY),
+             ("inline", "logo", "image/png", b"\x89PNG\r\n")]
+    reply = mg_multipart(mg, multipart(list(MG_FORM.items()), files))
+    assert reply.status == 200, reply.body
+    form = mg.accepted[0]
+    assert form["text"] == [MG_FORM["text"]] and form["attachment"] == ['Résumé "final".pdf']
+    assert [(f.name, f.filename, f.content_type, f.content) for f in form.files] == [
+        ("attachment", 'Résumé "final".pdf', "application/pdf", BINARY),
+        ("inline", "logo", "image/png", b"\x89PNG\r\n")]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (multipart(list(MG_FORM.items()), [("document", "a.pdf", "application/pdf", b"x")]),
+     "'document' parameter is not a file parameter"),
+    (multipart(list(MG_FORM.items()), [("attachment", "a.pdf", "", b"x")]),
+     "'attachment' file needs a file name and a Content-Type"),
+    (multipart(list(MG_FORM.items()), [("attachment", "", "application/pdf", b"x")]),
+     "'attachment' file needs a file name and a Content-Type"),
+    (multipart([*MG_FORM.items(), ("attachment", "not a file")]),
+     "'attachment' parameter must be a file: send it as multipart/form-data"),
+])
+def test_mailgun_files_must_be_attachment_or_inline_file_parts(mg: FakeMailgun, body: bytes,
+                                                               message: str) -> None:
+    reply = mg_multipart(mg, body)
+    assert (reply.status, reply.json()) == (400, {"message": message})
+
+
+def test_mailgun_attachment_in_a_urlencoded_form_is_refused(mg: FakeMailgun) -> None:
+    reply = mg_send(mg, {**MG_FORM, "attachment": "report.pdf"})
+    assert reply.status == 400 and "multipart/form-data" in reply.json()["message"]
+
+
+@pytest.mark.parametrize("body", [
+    multipart(list(MG_FORM.items()))[:-len(b"--XyZ-boundary--\r\n")],  # no closing delimiter
+    b"preamble\r\n" + multipart(list(MG_FORM.items())),
+    multipart(list(MG_FORM.items()), extra_head="Content-Transfer-Encoding: base64\r\n"),
+    multipart(list(MG_FORM.items())).replace(b"\r\n", b"\n"),
+    multipart(list(MG_FORM.items())).replace(b'name="to"', b"filename=x"),
+])
+def test_mailgun_malformed_multipart_is_refused(mg: FakeMailgun, body: bytes) -> None:
+    reply = mg_multipart(mg, body)
+    assert reply.status == 400
+    assert mg.accepted == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"o:tag": ["a", "b", "c", "d"]}, "'o:tag' is invalid: at most 3 tags of 1-128 ASCII "
+                                      "characters"),
+    ({"o:tag": ["t" * 129]}, "'o:tag' is invalid: at most 3 tags of 1-128 ASCII characters"),
+    ({"o:tag": ["caf\u00e9"]}, "'o:tag' is invalid: at most 3 tags of 1-128 ASCII characters"),
+    ({"h:X-Note": ["one\r\ntwo"]}, "'h:X-Note' is not a valid header"),
+    ({"h:X Note": ["one"]}, "'h:X Note' is not a valid header"),
+    ({"v:big": ["x" * 16380]},
+     "Send options (parameters starting with o:, h:, or v:) are limited to 16KB total"),
+    ({"cc": ["not an address"]}, "'cc' parameter is not a valid address. please check "
+                                 "documentation"),
+])
+def test_mailgun_option_limits(mg: FakeMailgun, change: dict[str, list[str]],
+                               message: str) -> None:
+    body = urllib.parse.urlencode([*MG_FORM.items(),
+                                   *((k, v) for k, vs in change.items() for v in vs)])
+    reply = call(connect(mg), MG_PATH, body, mg_headers())
+    assert (reply.status, reply.json()) == (400, {"message": message})
+
+
+def test_mailgun_accepts_every_option_at_its_limit(mg: FakeMailgun) -> None:
+    options = [("o:tag", "a" * 128), ("o:tag", "b"), ("o:tag", "c"), ("h:X-Note", "n" * 998),
+               ("h:Reply-To", "r@example.org"), ("v:order", "1"), ("cc", "c@example.org"),
+               ("bcc", "d@example.org")]
+    body = urllib.parse.urlencode([*MG_FORM.items(), *options])
+    assert call(connect(mg), MG_PATH, body, mg_headers()).status == 200
+    assert mg.accepted[0]["o:tag"] == ["a" * 128, "b", "c"]
+
+
+# ---------------------------------------------------------------- rich messages: SendGrid
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
+SG_RICH: dict[str, Any] = {
+    "personalizations": [{"to": [{"email": "a@example.org"}], "cc": [{"email": "b@example.org"}],
+                          "bcc": [{"email": "c@example.org", "name": "C"}],
+                          "custom_args": {"order": "1234"}}],
+    "from": {"email": "sender@example.com"}, "reply_to": {"email": "help@example.com"},
+    "subject": "s",
+    "content": [{"type": "text/plain", "value": "t"}, {"type": "text/html", "value": "<p>h</p>"}],
+    "headers": {"X-Campaign": "spring", "List-Unsubscribe": "<mailto:u@example.com>"},
+    "attachments": [{"content": PNG, "filename": "a.png", "type": "image/png",
+                     "disposition": "attachment"},
+                    {"content": PNG, "filename": "logo.png", "type": "image/png",
+                     "disposition": "inline", "content_id": "logo"}],
+    "categories": ["receipt", "shop"],
+}
+
+
+def test_sendgrid_accepts_a_rich_mail_as_the_sdk_builds_it(sg: FakeSendGrid) -> None:
+    assert sg_send(sg, SG_RICH).status == 202
+    assert sg.accepted == [SG_RICH]
+
+
+def sg_problems(sg: FakeSendGrid, mail: dict[str, Any]) -> list[tuple[str, str]]:
+    reply = sg_send(sg, mail)
+    assert reply.status == 400
+    return [(error["field"], error["message"]) for error in reply.json()["errors"]]
+
+
+def test_sendgrid_wants_text_plain_before_text_html(sg: FakeSendGrid) -> None:
+    mail = {**SG_RICH, "content": SG_RICH["content"][::-1]}
+    assert sg_problems(sg, mail) == [("content", (
+        "Following RFC 1341, section 7.2, if either text/html or text/plain are to be sent in "
+        "your email: text/plain needs to be first, followed by text/html, followed by any other "
+        "content."))]
+
+
+def test_sendgrid_refuses_an_address_twice_in_a_personalization(sg: FakeSendGrid) -> None:
+    mail = {**SG_RICH, "personalizations": [{"to": [{"email": "a@example.org"}],
+                                             "bcc": [{"email": "A@Example.org"}]}]}
+    [(field, message)] = sg_problems(sg, mail)
+    assert field == "personalizations.0.bcc"
+    assert message.startswith("Each email address in the personalization block should be unique "
+                              "between to, cc, and bcc.")
+
+
+@pytest.mark.parametrize(("attachment", "field"), [
+    ({"content": PNG[:-1], "filename": "a.png"}, "attachments.0.content"),
+    ({"content": PNG[:4] + "\n" + PNG[4:], "filename": "a.png"}, "attachments.0.content"),
+    ({"content": "", "filename": "a.png"}, "attachments.0.content"),
+    ({"content": PNG}, "attachments.0.filename"),
+    ({"content": PNG, "filename": "a.png", "type": "image/png; name=a"}, "attachments.0.type"),
+    ({"content": PNG, "filename": "a.png", "disposition": "inline"},
+     "attachments.0.content_id"),
+    ({"content": PNG, "filename": "a.png", "disposition": "hidden"},
+     "attachments.0.disposition"),
+])
+def test_sendgrid_attachment_rules(sg: FakeSendGrid, attachment: dict[str, str],
+                                   field: str) -> None:
+    assert [f for f, _ in sg_problems(sg, {**SG_MAIL, "attachments": [attachment]})] == [field]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"headers": {"X-SG-ID": "x"}}, "headers"),
+    ({"headers": {"x-sg-eid": "x"}}, "headers"),
+    ({"headers": {"X-Number": 5}}, "headers.X-Number"),
+    ({"categories": [f"c{n}" for n in range(11)]}, "categories"),
+    ({"categories": ["a", "a"]}, "categories"),
+    ({"categories": ["c" * 256]}, "categories"),
+    ({"reply_to": {"email": "nobody"}}, "reply_to.email"),
+    ({"personalizations": [{"to": [{"email": "a@example.org"}], "custom_args": {"n": 1}}]},
+     "personalizations.0.custom_args.n"),
+    ({"personalizations": [{"to": [{"email": "a@example.org"}],
+                            "custom_args": {"k": "v" * 10_000}}]},
+     "personalizations.0.custom_args"),
+])
+def test_sendgrid_header_category_and_custom_args_rules(sg: FakeSendGrid, change: dict[str, Any],
+                                                        field: str) -> None:
+    assert [f for f, _ in sg_problems(sg, {**SG_MAIL, **change})] == [field]

@@ -51,7 +51,9 @@ def test_config_with_only_mock_and_key_uses_documented_defaults() -> None:
     assert config.api_keys == ("k",)
     assert config.active_providers == ("mock",)
     assert (config.timeout, config.poll_interval, config.poll_interval_max) == (2.0, 5.0, 60.0)
-    assert (config.failure_threshold, config.max_body_bytes) == (1, 1 << 20)
+    # 10 MiB of attachments as base64 (4 * ceil(10485760 / 3)) plus 1 MiB for the rest
+    assert (config.failure_threshold, config.max_attachment_bytes, config.max_body_bytes) == \
+        (1, 10 << 20, 13981016 + (1 << 20))
     assert (config.host, config.port, config.log_format) == ("0.0.0.0", 8080, "DEBUG")
     assert (config.max_connections, config.client_timeout, config.shutdown_grace) == \
         (1024, 10.0, 10.0)
@@ -106,6 +108,7 @@ GOOD_VALUES = [
     ("SMSP_POLL_INTERVAL_MAX", "90", "poll_interval_max", 90.0),
     ("SMSP_FAILURE_THRESHOLD", "3", "failure_threshold", 3),
     ("SMSP_MAX_BODY_BYTES", "2048", "max_body_bytes", 2048),
+    ("SMSP_MAX_ATTACHMENT_BYTES", "0", "max_attachment_bytes", 0),
     ("SMSP_HOST", "127.0.0.1", "host", "127.0.0.1"),
     ("SMSP_PORT", "9090", "port", 9090),
     ("SMSP_LOG_OUTPUT_FORMAT", "json_online", "log_format", "JSON_ONELINE"),
@@ -148,7 +151,8 @@ BAD_VALUES = [
     ("SMSP_SG_BASE_URL", "http://h:99999"), ("SMSP_TIMEOUT", "0"), ("SMSP_TIMEOUT", "soon"),
     ("SMSP_TIMEOUT", "nan"), ("SMSP_POLL_INTERVAL", "-1"), ("SMSP_POLL_INTERVAL_MAX", "0"),
     ("SMSP_FAILURE_THRESHOLD", "0"), ("SMSP_FAILURE_THRESHOLD", "1.5"),
-    ("SMSP_MAX_BODY_BYTES", "0"), ("SMSP_PORT", "-1"), ("SMSP_LOG_OUTPUT_FORMAT", "XML"),
+    ("SMSP_MAX_BODY_BYTES", "0"), ("SMSP_MAX_ATTACHMENT_BYTES", "-1"), ("SMSP_PORT", "-1"),
+    ("SMSP_LOG_OUTPUT_FORMAT", "XML"),
     ("SMSP_LOG_OUTPUT_DEBUG", "2"), ("SMSP_MAX_CONNECTIONS", "0"),
     ("SMSP_CLIENT_TIMEOUT", "0"), ("SMSP_SHUTDOWN_GRACE", "-1"), ("SMSP_IDEMPOTENCY_TTL", "0"),
     ("SMSP_IDEMPOTENCY_MAX", "0"), ("SMSP_POOL_SIZE", "-1"), ("SMSP_POOL_IDLE", "0"),
@@ -217,7 +221,7 @@ def test_help_lists_every_variable_with_its_default(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     for setting in smsp.all_settings():
         assert setting.env in out
-    assert "(default https://api.mailgun.net)" in out and "(default 1048576)" in out
+    assert "(default https://api.mailgun.net)" in out and "(default 10485760)" in out
     assert "SMSP_API_KEY" in out and "(required)" in out and "''" not in out
 
 
@@ -292,7 +296,8 @@ def test_address_pattern_is_the_one_published_in_the_openapi_document() -> None:
     doc = smsp.openapi_document(make_config())
     email = doc["components"]["schemas"]["Email"]["properties"]
     assert email["fromaddress"]["pattern"] == smsp.ADDRESS_PATTERN
-    assert email["toaddress"]["maxLength"] == 320
+    assert email["toaddress"]["oneOf"][0]["maxLength"] == 320
+    assert email["toaddress"]["oneOf"][1]["items"]["pattern"] == smsp.ADDRESS_PATTERN
 
 
 def test_message_defaults_and_unknown_fields() -> None:
@@ -956,7 +961,8 @@ def test_oversized_body_is_refused_before_it_is_read_and_the_connection_closed(
         mock: Running) -> None:
     with socket.create_connection(("127.0.0.1", mock.port), timeout=5) as sock:
         sock.sendall(f"POST /email HTTP/1.1\r\nHost: x\r\nX-API-KEY: {API_KEY}\r\n"
-                     f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode())
+                     f"Content-Length: {mock.service.config.max_body_bytes + 1}\r\n\r\n"
+                     .encode())
         answer = sock.makefile("rb").read()  # no body sent: the answer and EOF arrive anyway
     assert status_of(answer) == 413 and b"Connection: close" in answer
 

@@ -2,6 +2,7 @@
 --
 --   wrk -t2 -c50 -d10s --latency -s bench/post.lua http://127.0.0.1:PORT/email [-- BUDGET]
 --
+-- SMSP_BENCH_BODY_FILE=path (optional, environment): the body to POST instead.
 -- BUDGET (optional): responses per thread after which the thread stops sending
 -- (wrk.thread:stop()) and writes "smsp-bench: budget reached" to stderr, so the
 -- caller can SIGINT wrk instead of waiting out -d.
@@ -13,6 +14,14 @@
 wrk.method = "POST"
 wrk.body = '{"fromaddress":"a@example.com","toaddress":"b@example.com",'
   .. '"subject":"hi","plaintextbody":"hello"}'
+-- SMSP_BENCH_BODY_FILE (optional): send that file's bytes instead. Read here, at load:
+-- wrk builds its request from wrk.body before init() runs.
+local body_file = os.getenv("SMSP_BENCH_BODY_FILE")
+if body_file and body_file ~= "" then
+  local f = assert(io.open(body_file, "rb"))
+  wrk.body = f:read("*a")
+  f:close()
+end
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-API-KEY"] = "bench"
 

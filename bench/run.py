@@ -31,6 +31,9 @@ Scenarios (each measurement is preceded by a short warm-up run):
    peak RSS (VmHWM).
 4. SMSP_WORKERS=2 vs 1 in mock mode, wrk -c50 -t2: requests/s and CPU per
    10,000 requests over the process tree (parent + forked workers).
+5. A rich message through the TLS fake Mailgun (pool 16), wrk -c4 -t2: 100 KB of
+   HTML and a 1 MiB attachment (about 1.5 MB of JSON, sent on as multipart/form-data):
+   sends accepted by the fake per second and smsp's peak RSS (VmHWM).
 
 It prints the machine, the command and ONE markdown table with each value, its
 target and PASS/FAIL. It is a benchmark, not a test: it exits 0 whatever the
@@ -40,6 +43,7 @@ numbers, 1 if a scenario could not run at all, 2 if wrk or smsp.py is missing.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import http.client
 import json
@@ -358,8 +362,11 @@ def run_wrk(
     duration_s: int,
     timeout_s: int,
     budget: int = 0,
+    body_file: Path | None = None,
 ) -> WrkResult:
     """Run wrk with bench/post.lua; with budget > 0 stop once that many responses came back.
+
+    ``body_file`` replaces post.lua's small JSON body with the file's bytes.
 
     A budget is split over the threads; each thread stops itself (wrk.thread:stop()) and
     says so on stderr, and once all have, wrk is sent SIGINT so it reports at once instead
@@ -385,7 +392,7 @@ def run_wrk(
     watcher = threading.Thread(target=watch_listen_queue, daemon=True)
     watcher.start()
     try:
-        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget)
+        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget, body_file)
     finally:
         stop.set()
         watcher.join()
@@ -405,6 +412,7 @@ def _run_wrk(
     duration_s: int,
     timeout_s: int,
     budget: int,
+    body_file: Path | None = None,
 ) -> WrkResult:
     per_thread = -(-budget // threads) if budget > 0 else 0
     cmd = [
@@ -421,8 +429,14 @@ def _run_wrk(
     ]
     if per_thread:
         cmd += ["--", str(per_thread)]
+    env = {**os.environ, "SMSP_BENCH_BODY_FILE": str(body_file)} if body_file else None
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     err_lines: list[str] = []
 
@@ -680,10 +694,8 @@ def fake_sends(snapshot: dict[str, object]) -> int:
     return int(str(snapshot["accepted"])) - polls
 
 
-def scenario_2(cfg: Config, rep: Report) -> None:
-    """Real Mailgun mode through a local TLS fake: pooled (16) vs fresh (0) connections."""
-    sc = "2 TLS pool"
-    log("scenario 2: real mode via TLS fake Mailgun, SMSP_POOL_SIZE=16 vs 0")
+def tls_fake_mailgun(cfg: Config) -> tuple[Server, Path]:
+    """The TLS fake Mailgun (not started yet) and the certificate that smsp must trust."""
     if shutil.which("openssl") is None:
         raise RuntimeError("the openssl command is needed for the fake Mailgun's certificate")
     if str(BENCH_DIR) not in sys.path:
@@ -713,28 +725,45 @@ def scenario_2(cfg: Config, rep: Report) -> None:
         log_path=cfg.workdir / "fake_mailgun.stderr",
         tls_context=client_ctx,
     )
+    return fake, cert
+
+
+def fake_count(fake: Server) -> dict[str, object]:
+    """The fake Mailgun's tallies (GET /count)."""
+    status, body = fake.get("/count")
+    if status != 200:
+        raise RuntimeError(f"fake Mailgun /count answered {status}")
+    data: dict[str, object] = json.loads(body)
+    return data
+
+
+def mailgun_env(fake: Server, cert: Path, pool: int) -> dict[str, str]:
+    """smsp in real mode with Mailgun alone, at the fake, trusting its certificate."""
+    return {
+        "SMSP_PROVIDERS": "mailgun",
+        "SMSP_MG_BASE_URL": fake.url,
+        "SMSP_MG_DOMAIN": MG_DOMAIN,
+        "SMSP_MG_API_KEY": MG_API_KEY,
+        "SMSP_POLL_MESSAGE_ADDRESS": POLL_ADDRESS,
+        "SMSP_API_KEY": API_KEY,
+        "SSL_CERT_FILE": str(cert),
+        "SMSP_POOL_SIZE": str(pool),
+    }
+
+
+def scenario_2(cfg: Config, rep: Report) -> None:
+    """Real Mailgun mode through a local TLS fake: pooled (16) vs fresh (0) connections."""
+    sc = "2 TLS pool"
+    log("scenario 2: real mode via TLS fake Mailgun, SMSP_POOL_SIZE=16 vs 0")
+    fake, cert = tls_fake_mailgun(cfg)
 
     def snapshot() -> dict[str, object]:
-        status, body = fake.get("/count")
-        if status != 200:
-            raise RuntimeError(f"fake Mailgun /count answered {status}")
-        data: dict[str, object] = json.loads(body)
-        return data
+        return fake_count(fake)
 
     sends_per_s: dict[tuple[int, int], float] = {}
     with running(fake):
         for pool in (16, 0):
-            env = {
-                "SMSP_PROVIDERS": "mailgun",
-                "SMSP_MG_BASE_URL": fake.url,
-                "SMSP_MG_DOMAIN": MG_DOMAIN,
-                "SMSP_MG_API_KEY": MG_API_KEY,
-                "SMSP_POLL_MESSAGE_ADDRESS": POLL_ADDRESS,
-                "SMSP_API_KEY": API_KEY,
-                "SSL_CERT_FILE": str(cert),
-                "SMSP_POOL_SIZE": str(pool),
-            }
-            proxy = cfg.smsp_server(f"smsp pool={pool}", env)
+            proxy = cfg.smsp_server(f"smsp pool={pool}", mailgun_env(fake, cert, pool))
             with running(proxy):
                 for conns, threads in ((1, 1), (16, 2)):
                     if cfg.warmup > 0:
@@ -872,17 +901,60 @@ def scenario_4(cfg: Config, rep: Report) -> None:
     rep.info(sc, "workers 2/1 requests/s", f"{ratio(runs[2].wrk.rps, runs[1].wrk.rps):.2f}x")
 
 
+def rich_body(path: Path) -> int:
+    """Write the scenario 5 request (100 KB of HTML, a 1 MiB attachment); its size."""
+    html = "<html><body>" + "<p>Thank you for your order.</p>\n" * 3200 + "</body></html>"
+    document = {
+        "fromaddress": "Shop <orders@example.com>",
+        "toaddress": "b@example.com",
+        "subject": "Your receipt",
+        "plaintextbody": "Thank you for your order.",
+        "htmlbody": html[:100_000],
+        "attachments": [{"filename": "receipt.pdf", "content_type": "application/pdf",
+                         "content": base64.b64encode(os.urandom(1 << 20)).decode()}],
+    }
+    data = json.dumps(document).encode()
+    path.write_bytes(data)
+    return len(data)
+
+
+def scenario_5(cfg: Config, rep: Report) -> None:
+    """100 KB of HTML and a 1 MiB attachment through the TLS fake Mailgun."""
+    sc = "5 HTML + 1 MiB attachment"
+    log("scenario 5: rich messages (100 KB HTML, 1 MiB attachment) via TLS fake Mailgun")
+    fake, cert = tls_fake_mailgun(cfg)
+    body = cfg.workdir / "rich.json"
+    size = rich_body(body)
+    proxy = cfg.smsp_server("smsp rich", mailgun_env(fake, cert, 16))
+    with running(fake), running(proxy):
+        if cfg.warmup > 0:
+            run_wrk(proxy.url, 4, 2, cfg.warmup, cfg.timeout, body_file=body)
+        before = fake_sends(fake_count(fake))
+        res = run_wrk(proxy.url, 4, 2, cfg.duration, cfg.timeout, body_file=body)
+        sends = fake_sends(fake_count(fake)) - before
+        peak_kb = sum(proc_status_kb(p, "VmHWM") for p in process_tree(proxy.pid))
+    rate = sends / res.duration_s
+    log(f"  {rate:,.1f} sends/s, p99 {res.p99_ms:.0f} ms, peak RSS {mb(peak_kb)}, "
+        f"errors {res.errors}")
+    rep.info(sc, f"sends accepted/s, c=4 ({size / 1e6:.2f} MB requests)",
+             f"{rate:,.1f} (p50 {res.p50_ms:.1f} ms, p99 {res.p99_ms:.1f} ms)")
+    rep.info(sc, "smsp peak RSS (VmHWM)", mb(peak_kb))
+    rep.check(sc, "errors", res.error_text() if res.errors else "0", "0", res.errors == 0)
+
+
 SCENARIOS: dict[str, Callable[[Config, Report], None]] = {
     "1": scenario_1,
     "2": scenario_2,
     "3": scenario_3,
     "4": scenario_4,
+    "5": scenario_5,
 }
 SCENARIO_NAMES = {
     "1": "1 mock vs bare",
     "2": "2 TLS pool",
     "3": "3 memory/1000 conns",
     "4": "4 workers",
+    "5": "5 HTML + 1 MiB attachment",
 }
 
 
@@ -981,7 +1053,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="rounds of scenario 1, bare and smsp alternating, medians (default 3, --quick 1)",
     )
-    p.add_argument("--scenarios", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    p.add_argument(
+        "--scenarios", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5"
+    )
     p.add_argument("--smsp", type=Path, default=REPO_DIR / "smsp.py", help="path to smsp.py")
     p.add_argument("--python", default=sys.executable, help="interpreter for the servers")
     args = p.parse_args(argv)

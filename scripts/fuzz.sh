@@ -117,6 +117,11 @@ TOML
 # A hook makes about 1 in 20 schema-valid POST /email bodies use the mock's failure
 # subjects, so 502, 503 (open circuit, Retry-After) and 504 answers are checked
 # against the document too.  The choice hangs on the body, so replays agree.
+# It also mends, in schema-valid bodies only, the rules the document states in words
+# because OpenAPI 3.0 has no way to say them: header names and metadata keys (no
+# propertyNames), no address twice across toaddress/ccaddress/bccaddress whatever
+# its case or display name, 50 recipients in all, 1 KiB of metadata, each content_id
+# once.  Everything a schema can say is left to the generator.
 cat >"$WORK/hooks.py" <<'PY'
 import json
 import zlib
@@ -126,15 +131,60 @@ import schemathesis
 FAILURE_SUBJECTS = ("fail", "timeout")
 
 
+def _email_of(address):
+    return (address[:-1].rpartition("<")[2] if address.endswith(">") else address).lower()
+
+
+def _recipients(body):
+    """Each address once across the three fields, 50 in all (toaddress keeps its first)."""
+    seen = set()
+    for field in ("toaddress", "ccaddress", "bccaddress"):
+        value = body.get(field)
+        if isinstance(value, str):
+            seen.add(_email_of(value))
+        if not isinstance(value, list):
+            continue
+        kept = []
+        for address in value:
+            email = _email_of(address) if isinstance(address, str) else None
+            if email is not None and email not in seen and len(seen) < 50:
+                seen.add(email)
+                kept.append(address)
+        body[field] = kept
+
+
+def _mend(body):
+    """The body with the rules no schema states made true."""
+    body = json.loads(json.dumps(body))
+    _recipients(body)
+    if isinstance(body.get("headers"), dict):
+        body["headers"] = {f"X-Fuzz-{n}": v for n, v in enumerate(body["headers"].values())}
+    if isinstance(body.get("metadata"), dict):
+        pairs = [(f"k{n}", v) for n, v in enumerate(body["metadata"].values())]
+        while sum(len(k) + len(str(v).encode()) for k, v in pairs) > 1024:
+            pairs.pop()
+        body["metadata"] = dict(pairs)
+    ids = set()
+    for item in body.get("attachments") or []:
+        if isinstance(item, dict) and "content_id" in item:
+            if item["content_id"] in ids:
+                del item["content_id"]
+            else:
+                ids.add(item["content_id"])
+    return body
+
+
 @schemathesis.hook
 def map_case(context, case):
     meta = case.meta
     body = case.body
     if (case.method.upper() == "POST" and case.path == "/email" and meta is not None
             and meta.generation.mode.is_positive and isinstance(body, dict)):
+        body = _mend(body)
         pick = zlib.crc32(json.dumps(body, sort_keys=True, default=str).encode()) % 40
         if pick < len(FAILURE_SUBJECTS):
-            case.body = {**body, "subject": FAILURE_SUBJECTS[pick]}
+            body = {**body, "subject": FAILURE_SUBJECTS[pick]}
+        case.body = body
     return case
 PY
 log "schemathesis: --checks all, max $EXAMPLES examples per operation"
