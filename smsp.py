@@ -335,11 +335,15 @@ _ADDR_SHAPE = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
 # address of at most MAX_ADDRESS characters.
 _ADDR = rf"(?![^@]{{{MAX_LOCAL_PART + 1}}}){_ADDR_SHAPE}"
 _NAME = r'[^\x00-\x1f\x7f-\x9f\u2028\u2029<>",;\\]*'
+# A quoted display name (RFC 5322 quoted-string): any printable text, " and \ escaped.
+_QUOTED = r'\s*"(?:[^"\\\x00-\x1f\x7f-\x9f\u2028\u2029]|\\[^\x00-\x1f\x7f-\x9f\u2028\u2029])*"\s*'
 # The OpenAPI document publishes this very pattern, so the fuzzer and we agree.
 ADDRESS_PATTERN = (rf"^(?:(?!.{{{MAX_ADDRESS + 1}}}){_ADDR}"
-                   rf"|{_NAME}<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
+                   rf"|(?:{_NAME}|{_QUOTED})<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
 _ADDRESS_RE = re.compile(ADDRESS_PATTERN)
-_ADDRESS_SHAPE_RE = re.compile(rf"^(?:{_ADDR_SHAPE}|{_NAME}<{_ADDR_SHAPE}>)$")  # no limits
+_ADDRESS_SHAPE_RE = re.compile(
+    rf"^(?:{_ADDR_SHAPE}|(?:{_NAME}|{_QUOTED})<{_ADDR_SHAPE}>)$")  # without the limits
+_SPECIALS_RE = re.compile(r'[,;<>"\\]')
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -363,8 +367,26 @@ def _check_text(field: str, value: str) -> None:
         raise ValidationError(field, "contains an unpaired surrogate escape") from None
 
 
+def _address_problem(value: str) -> str:
+    """Which rule an address that does not match breaks, in the client's terms."""
+    named = value.endswith(">") and "<" in value
+    name, email = (value[:value.rfind("<")], value[value.rfind("<") + 1:-1]) if named \
+        else ("", value)
+    if not email.isascii():
+        return ("address must be ASCII; write an international domain in its xn-- form "
+                "(IDNA), like user@xn--bcher-kva.example")
+    if _SPECIALS_RE.search(name.strip()) and not re.fullmatch(_QUOTED, name):
+        return ('a display name with , ; < > " or \\ must be in double quotes, like '
+                '"Doe, John" <john@example.com>')
+    if _ADDRESS_SHAPE_RE.match(value):
+        return (f"address must be at most {MAX_ADDRESS} characters with a local part of at "
+                f"most {MAX_LOCAL_PART}")
+    return "must be an address like user@example.com or Name <user@example.com>"
+
+
 def parse_address(field: str, value: Any) -> Address:
-    """Validate ``user@domain`` or ``Name <user@domain>``; raise ValidationError."""
+    """Validate ``user@domain``, ``Name <user@domain>`` or ``"Name, quoted" <user@domain>``;
+    raise ValidationError saying which rule failed."""
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
     if not value:
@@ -376,15 +398,14 @@ def parse_address(field: str, value: Any) -> Address:
             raise ValidationError(field, "must not contain CR, LF or other control characters")
         _check_text(field, value)
     if not _ADDRESS_RE.match(value):
-        if _ADDRESS_SHAPE_RE.match(value):
-            raise ValidationError(field, f"address must be at most {MAX_ADDRESS} characters "
-                                         f"with a local part of at most {MAX_LOCAL_PART}")
-        raise ValidationError(field, "must be an address like user@example.com "
-                                     "or Name <user@example.com>")
-    if value.endswith(">"):
-        name, _, email = value[:-1].partition("<")
-        return Address(email, name.strip())
-    return Address(value)
+        raise ValidationError(field, _address_problem(value))
+    if not value.endswith(">"):
+        return Address(value)
+    name, _, email = value[:-1].rpartition("<")
+    name = name.strip()
+    if name.startswith('"'):
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    return Address(email, name)
 
 
 # ------------------------------------------------------------ configuration ---

@@ -255,6 +255,8 @@ GOOD_ADDRESSES = [
     ("Zoë Ünïcode <z@example.com>", smsp.Address("z@example.com", "Zoë Ünïcode")),
     ("<bare@example.com>", smsp.Address("bare@example.com")),
     ("x@xn--80ak6aa92e.xn--p1ai", smsp.Address("x@xn--80ak6aa92e.xn--p1ai")),
+    ('"Doe, John" <john@example.com>', smsp.Address("john@example.com", "Doe, John")),
+    ('"Say \\"hi\\"; <ok>" <a@example.com>', smsp.Address("a@example.com", 'Say "hi"; <ok>')),
 ]
 
 
@@ -271,8 +273,10 @@ BAD_ADDRESSES = [
     ("two@@example.com", "must be an address"),
     ("a b@example.com", "must be an address"),
     ("Name <a@example.com", "must be an address"),
-    ('"Quoted" <a@example.com>', "must be an address"),
-    ("Doe, John <a@example.com>", "must be an address"),
+    ('"Unclosed <a@example.com>', "must be in double quotes"),
+    ("Doe, John <a@example.com>", 'must be in double quotes, like "Doe, John"'),
+    ("a@ex\u00e4mple.com", "must be ASCII; write an international domain in its xn-- form"),
+    ("Zo\u00eb <z@b\u00fccher.example>", "must be ASCII"),
     ("a@example.com\r\nBcc: victim@example.com", "control characters"),
     ("a@example.com\n", "control characters"),
     ("Name\t<a@example.com>", "control characters"),
