@@ -5,8 +5,10 @@ Fixtures live in conftest.py; this module holds plain classes and functions.
 
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,13 +125,16 @@ def make_config(**overrides: Any) -> smsp.Config:
 
 
 class Running:
-    """The real server on port 0 in a thread, with fake clock and timers for breakers."""
+    """The real server on port 0 in a thread, with fake clock and timers for breakers.
 
-    def __init__(self, config: smsp.Config) -> None:
+    Its log lines are captured in ``lines``, unless another ``log`` is given.
+    """
+
+    def __init__(self, config: smsp.Config, log: smsp.Logger | None = None) -> None:
         self.lines = Lines()
         self.clock = FakeClock()
         self.timers = FakeTimers()
-        log = smsp.Logger("JSON_ONELINE", debug=config.log_debug, write=self.lines.write)
+        log = log or smsp.Logger("JSON_ONELINE", debug=config.log_debug, write=self.lines.write)
         self.service = smsp.build_service(config, log=log, clock=self.clock, timer=self.timers)
         self.server = smsp.make_server(self.service)
         self.thread = threading.Thread(target=self.server.serve_forever,
@@ -179,8 +184,8 @@ class Running:
 
 
 @contextmanager
-def running(config: smsp.Config) -> Iterator[Running]:
-    server = Running(config)
+def running(config: smsp.Config, log: smsp.Logger | None = None) -> Iterator[Running]:
+    server = Running(config, log)
     try:
         yield server
     finally:
@@ -220,3 +225,13 @@ def status_of(raw: bytes) -> int:
         return int(raw.split(b" ", 2)[1])
     found = re.search(rb"Error code: (\d{3})", raw)
     return int(found.group(1)) if found else 0
+
+
+def make_certificate(folder: str) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 and its key, made by the openssl
+    command in ``folder``: the paths (cert, key)."""
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
