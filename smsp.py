@@ -36,7 +36,7 @@ import base64
 import bisect
 import collections
 import dataclasses
-import email.utils
+import email.charset
 import enum
 import hashlib
 import heapq
@@ -264,8 +264,8 @@ class Deadline:
 
     The socket is read from ``owner.<attribute>`` when the deadline passes, so
     it may still be None (not connected yet) or be replaced (a TLS wrap).
-    ``how`` is SHUT_RDWR for a provider exchange and SHUT_RD for a client
-    connection, whose write side stays open for a 408.
+    ``how`` is SHUT_RDWR for a provider exchange; a client connection moves
+    between SHUT_RD and SHUT_RDWR (see _Connection).
     """
 
     __slots__ = ("_attribute", "_how", "_owner", "deadline", "done", "expired")
@@ -315,6 +315,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 _PLAIN_NAME_RE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")  # atoms: no quoting needed
+_UTF8 = email.charset.Charset("utf-8")  # header_encode: an RFC 2047 word, B or Q, the shorter
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -335,12 +336,12 @@ class Address:
         name = self.name
         if not name:
             return self.email
-        if _PLAIN_NAME_RE.fullmatch(name) and "=?" not in name:  # "=?" would read as encoded
+        if "=?" in name or not name.isascii():  # readers decode "=?" even in quotes
+            return f"{_UTF8.header_encode(name)} <{self.email}>"
+        if _PLAIN_NAME_RE.fullmatch(name):
             return f"{name} <{self.email}>"
-        if name.isascii():
-            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-            return f'"{quoted}" <{self.email}>'
-        return email.utils.formataddr((name, self.email))
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{self.email}>'
 
 
 def _check_text(field: str, value: str) -> None:
@@ -487,7 +488,7 @@ SETTINGS: tuple[Setting, ...] = (
             "consecutive failures that open a circuit"),
     Setting("SMSP_MAX_BODY_BYTES", "max_body_bytes", _number(int, 1), 1 << 20,
             "largest request body accepted"),
-    Setting("SMSP_MAX_INFLIGHT_BODY_BYTES", "max_inflight_body_bytes", _number(int, 1), 4 << 20,
+    Setting("SMSP_MAX_INFLIGHT_BODY_BYTES", "max_inflight_body_bytes", _number(int, 1), 1 << 20,
             "request body bytes being received and sent at once; one more gets 503"),
     Setting("SMSP_HOST", "host", _parse_text, "0.0.0.0", "listen address (--host)"),
     Setting("SMSP_PORT", "port", _number(int, 0), 8080, "listen port (--port)"),
@@ -534,7 +535,7 @@ class Config:
     poll_interval_max: float = 60.0
     failure_threshold: int = 1
     max_body_bytes: int = 1 << 20
-    max_inflight_body_bytes: int = 4 << 20
+    max_inflight_body_bytes: int = 1 << 20
     host: str = "0.0.0.0"
     port: int = 8080
     log_format: str = "DEBUG"
@@ -2958,6 +2959,20 @@ def make_server(service: Service, *, sock: socket.socket | None = None) -> Serve
                   ssl_context=server_tls_context(config), sock=sock)
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` from now on.
+
+    A worker starts with both blocked (see run_workers): one that came
+    while it was starting up was held back, and is handled now.
+    """
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def serve(config: Config, *, sock: socket.socket | None = None, worker: int | None = None,
           log: Logger | None = None) -> int:
     """Run one server until SIGTERM or SIGINT, then drain; the process exit status.
@@ -2967,10 +2982,6 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
     case a thread started by someone else took one.
     """
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
     service = build_service(config, log=log, worker=worker)
     log = service.log
     try:
@@ -2980,8 +2991,7 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
             log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
             service.close()
             return 2
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, on_signal)
+        _stop_on_signals(stop)
         # A thread waiting for the GIL wakes every switch interval to ask for it.
         # With 1,000 busy connections that is up to 200,000 wake-ups a second at the
         # default 5 ms; at 50 ms the bench's 1,000 connections got 15,000
@@ -3024,16 +3034,16 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
 
     def spawn(index: int) -> None:
         # Signals wait until the child has dropped the parent's handler (which would
-        # otherwise run in the child, signal its siblings and leave it serving).
+        # otherwise run in the child, signal its siblings and leave it serving), and
+        # then until serve() has its own: a SIGTERM while a worker starts is drained.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)  # until serve() installs its own
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                code = serve(config, sock=sock, worker=index)
+                    signal.signal(signum, signal.SIG_DFL)
+                code = serve(config, sock=sock, worker=index)  # unblocks the signals
             finally:
                 os._exit(code)
         children[pid] = index
