@@ -24,7 +24,7 @@ lint: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py \
+	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py test_hardening.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 functional: $(STAMP)

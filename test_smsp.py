@@ -12,6 +12,7 @@ import base64
 import http.client
 import http.server
 import json
+import re
 import socket
 import sys
 import threading
@@ -1316,14 +1317,6 @@ def children_of(pid: int) -> set[int]:
         return set()
 
 
-def threads_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-    except FileNotFoundError:
-        return 0
-
-
 def healthy(port: int) -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -1335,6 +1328,69 @@ def healthy(port: int) -> bool:
         return False
 
 
+def inflight_of_one_worker(port: int) -> tuple[str, int] | None:
+    """(worker, requests in flight on it) from the /metrics of whichever worker answers,
+    less the scrape itself; None if none answered."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+    except OSError:
+        return None
+    found = re.search(r'^smsp_inflight_requests\{worker="(\d+)"\} (\S+)$', text, re.M)
+    return None if found is None else (found[1], int(float(found[2])) - 1)
+
+
+def replace_a_worker(proc: Any, port: int) -> set[int]:
+    """SIGKILL one of two workers; once its replacement serves too, the two pids."""
+    import os
+    import signal
+
+    wait_for(lambda: healthy(port) and len(children_of(proc.pid)) == 2, 30)
+    first = children_of(proc.pid)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(lambda: (c := children_of(proc.pid)) and len(c) == 2
+                        and victim not in c and c, 30)
+    assert len(replaced & first) == 1
+    serving: set[str] = set()
+
+    def both_workers_serve() -> bool:  # the new one too, with its signal handlers in
+        seen = inflight_of_one_worker(port)
+        serving.update(() if seen is None else (seen[0],))
+        return len(serving) == 2
+
+    wait_for(both_workers_serve, 30)
+    return replaced
+
+
+def slow_sends_in_flight(port: int, n: int) -> tuple[list[threading.Thread], list[int]]:
+    """``n`` sends the mock holds until its timeout, each proved to be in flight."""
+    results: list[int] = []
+
+    def slow_send() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/email", json.dumps({**EMAIL, "subject": "timeout"}).encode(),
+                     {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
+        results.append(conn.getresponse().status)
+        conn.close()
+
+    senders = [threading.Thread(target=slow_send) for _ in range(n)]
+    for sender in senders:
+        sender.start()
+    latest: dict[str, int] = {}  # each worker's count only grows while the sends wait
+
+    def all_arrived() -> bool:
+        seen = inflight_of_one_worker(port)
+        if seen is not None:
+            latest[seen[0]] = seen[1]
+        return sum(latest.values()) == n
+
+    wait_for(all_arrived, 30)  # the requests reached the workers: not a count of threads
+    return senders, results
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_worker_supervisor_replaces_a_killed_worker_and_drains_every_worker_on_sigterm() -> None:
     import os
@@ -1343,43 +1399,17 @@ def test_worker_supervisor_replaces_a_killed_worker_and_drains_every_worker_on_s
 
     port = free_port()
     env = {"PATH": os.environ.get("PATH", ""), "SMSP_MOCK_EMAIL_SERVICE": "true",
-           "SMSP_API_KEY": API_KEY, "SMSP_WORKERS": "2", "SMSP_TIMEOUT": "2",
+           "SMSP_API_KEY": API_KEY, "SMSP_WORKERS": "2", "SMSP_TIMEOUT": "5",
            "SMSP_LOG_OUTPUT_FORMAT": "JSON_ONELINE"}
     proc = subprocess.Popen([sys.executable, smsp.__file__, "--host", "127.0.0.1", "--port",
                              str(port)], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: healthy(port) and len(children_of(proc.pid)) == 2)
-        first = children_of(proc.pid)
-        victim = min(first)
-        os.kill(victim, signal.SIGKILL)
-        replaced = wait_for(lambda: (c := children_of(proc.pid)) and len(c) == 2
-                            and victim not in c and c)
-        assert len(replaced & first) == 1
-        wait_for(lambda: healthy(port))
-        # four slow sends in flight (mock "timeout" answers 504 after 2 s), then SIGTERM
-        results: list[int] = []
-
-        def slow_send() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/email", json.dumps({**EMAIL, "subject": "timeout"}).encode(),
-                         {"X-API-KEY": API_KEY, "Content-Type": "application/json"})
-            results.append(conn.getresponse().status)
-            conn.close()
-
-        def worker_threads() -> int:
-            return sum(threads_of(pid) for pid in children_of(proc.pid))
-
-        # an idle worker runs 4 threads (main, watchdog, accept loop, log writer); wait
-        # until the health checks' connection threads are gone
-        idle_threads = wait_for(lambda: (n := worker_threads()) <= 2 * 4 and n)
-        senders = [threading.Thread(target=slow_send) for _ in range(4)]
-        for sender in senders:
-            sender.start()
-        wait_for(lambda: worker_threads() >= idle_threads + 4)  # a thread per accepted send
+        replaced = replace_a_worker(proc, port)
+        senders, results = slow_sends_in_flight(port, 4)  # mock "timeout": 504 after 5 s
         proc.send_signal(signal.SIGTERM)
         for sender in senders:
-            sender.join(10)
-        assert proc.wait(timeout=15) == 0
+            sender.join(30)
+        assert proc.wait(timeout=30) == 0
         assert sorted(results) == [504, 504, 504, 504]  # answered, not cut off
         assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
         events = [json.loads(line)["event"] for line in proc.stdout.read().splitlines()]
