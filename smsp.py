@@ -926,6 +926,7 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant
 _JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
 _AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_TOO_DEEP = f"malformed JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)"
 
 
 def _json_too_deep(raw: bytes) -> bool:
@@ -961,13 +962,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ValidationError("", f"body is not valid UTF-8 (byte {exc.start})") from None
     if text.startswith("\ufeff"):
         raise ValidationError("", "body starts with a byte-order mark; send UTF-8 JSON without it")
-    too_deep = f"malformed JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)"
     if _json_too_deep(raw):
-        raise ValidationError("", too_deep)
+        raise ValidationError("", _TOO_DEEP)
     try:
         document = _DECODER.decode(text)
     except RecursionError:
-        raise ValidationError("", too_deep) from None
+        raise ValidationError("", _TOO_DEEP) from None
     except ValueError as exc:
         raise ValidationError("", f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(document, dict):
@@ -1893,6 +1893,7 @@ class ClientGone(SmspError):
 _COMMON_VERSIONS = {b"HTTP/1.1": (1, 1), b"HTTP/1.0": (1, 0)}
 _VERSION_RE = re.compile(rb"HTTP/[0-9]{1,10}\.[0-9]{1,10}")  # the length limit is http.server's
 _TARGET_BYTES = bytes(range(0x21, 0x7F))  # visible ASCII: a URI has no space or control
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r?\n")
 _FIELD_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # every control but HTAB
 
 
@@ -1915,6 +1916,9 @@ def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:
     target visible ASCII; 400 for HTTP/0.9's two parts or a malformed
     version, 505 for a version other than HTTP/1.1 and HTTP/1.0.
     """
+    usual = _REQUEST_LINE_RE.fullmatch(line)  # one C call for a well-formed line
+    if usual is not None:
+        return usual[1].decode("ascii"), usual[2].decode("ascii"), _COMMON_VERSIONS[usual[3]]
     parts = line[:-2 if line.endswith(b"\r\n") else -1].split(b" ")
     if len(parts) == 2 and not parts[1].startswith(b"HTTP/"):
         raise HTTPError(400, "HTTP/0.9 requests are not supported")
@@ -1951,11 +1955,13 @@ def read_headers(rfile: Any, limit: int = MAX_HEAD) -> dict[str, str]:
             return headers
         if not line.endswith(b"\n"):
             raise ClientGone("headers incomplete")
-        name, colon, value = line[:-2 if line.endswith(b"\r\n") else -1].partition(b":")
+        name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TOKEN_BYTES):
             raise HTTPError(400, "Bad header line")
         key = name.lower().decode("ascii")
-        text = value.strip(b" \t").decode("iso-8859-1")
+        # A bare CR at either end goes with the white space (RFC 9112 §2.2 lets it be read
+        # as SP); anywhere else it is a control character, refused with the others.
+        text = value.strip(b" \t\r\n").decode("iso-8859-1")
         if not text.isprintable() and _FIELD_CONTROL_RE.search(text):  # the C test first
             raise HTTPError(400, f"control character in the {key[:64]} header value")
         if key in headers:
