@@ -38,6 +38,7 @@ import bisect
 import collections
 import contextvars
 import dataclasses
+import email.charset
 import email.headerregistry
 import email.message
 import email.policy
@@ -49,10 +50,12 @@ import heapq
 import hmac
 import http.client
 import http.server
+import io
 import itertools
 import json
 import math
 import os
+import random
 import re
 import select
 import signal
@@ -72,8 +75,8 @@ from typing import Any, ClassVar
 VERSION = "3.0.0"
 SERVER_NAME = f"smsp/{VERSION}"
 
-MAX_REQUEST_LINE = 65536  # the limits http.server enforces; the lean parser keeps them
-MAX_HEADER_LINE = 65536
+MAX_REQUEST_LINE = 65536  # the limit http.server enforces (414 past it)
+MAX_HEAD = 65536  # request line and headers together, as the bytes arrive (431 past it)
 MAX_HEADERS = 100  # header lines including the blank one that ends them, as http.client
 MAX_ADDRESS_FIELD = 320
 MAX_ADDRESS = 254
@@ -93,11 +96,15 @@ MAX_METADATA_TEXT = 128  # characters of each key and each value
 MAX_METADATA_BYTES = 1024  # UTF-8 bytes of every key and value together
 DEFAULT_MAX_ATTACHMENT_BYTES = 10 << 20  # decoded, per message: what Postmark and SES allow
 BODY_HEADROOM = 1 << 20  # request bytes allowed besides the attachments' base64
+MAX_JSON_DEPTH = 32  # arrays and objects in a request body; the API itself needs three
 MAX_PROVIDER_REPLY = 1 << 20  # bytes of a provider reply we are willing to read
 MAX_PROVIDER_MESSAGE = 500  # characters of a provider's error message passed to the client
 MAX_SECRET_FILE = 65536  # characters read from a <NAME>_FILE secret
 ACCEPT_FANOUT = 2  # waiting connections each new connection thread takes off the listener
 GIL_SWITCH_INTERVAL = 0.05  # seconds; CPython's default is 0.005 (see serve())
+
+_UUID4_BITS = 4 << 76 | 0b10 << 62  # version 4, RFC 4122 variant
+_UUID_RANDOM_BITS = ~(0xF << 76 | 0b11 << 62) & (1 << 128) - 1
 
 POLL_SUBJECT = "poll"
 POLL_BODY = "poll"
@@ -293,8 +300,8 @@ class Deadline:
 
     The socket is read from ``owner.<attribute>`` when the deadline passes, so
     it may still be None (not connected yet) or be replaced (a TLS wrap).
-    ``how`` is SHUT_RDWR for a provider exchange and SHUT_RD for a client
-    connection, whose write side stays open for a 408.
+    ``how`` is SHUT_RDWR for a provider exchange; a client connection moves
+    between SHUT_RD and SHUT_RDWR (see _Connection).
     """
 
     __slots__ = ("_attribute", "_how", "_owner", "deadline", "done", "expired")
@@ -347,15 +354,34 @@ _SPECIALS_RE = re.compile(r'[,;<>"\\]')
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+_PLAIN_NAME_RE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")  # atoms: no quoting needed
+_UTF8 = email.charset.Charset("utf-8")  # header_encode: an RFC 2047 word, B or Q, the shorter
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Address:
-    """An email address with an optional display name."""
+    """An email address with an optional display name.
+
+    ``str()`` is the RFC 5322 header form, which reads back as exactly this
+    one address with this name: a name of plain atoms as it is, any other
+    ASCII name as a quoted-string (``c@evil.example <b@example.com>`` would
+    otherwise read as two addresses), a non-ASCII one as an RFC 2047
+    encoded-word.
+    """
 
     email: str
     name: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name} <{self.email}>" if self.name else self.email
+        name = self.name
+        if not name:
+            return self.email
+        if "=?" in name or not name.isascii():  # readers decode "=?" even in quotes
+            return f"{_UTF8.header_encode(name)} <{self.email}>"
+        if _PLAIN_NAME_RE.fullmatch(name):
+            return f"{name} <{self.email}>"
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{self.email}>'
 
 
 def _check_text(field: str, value: str) -> None:
@@ -575,6 +601,11 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request body accepted; unset, SMSP_MAX_ATTACHMENT_BYTES as base64 "
             "plus 1 MiB for the rest",
             follows=lambda values: body_bytes_for(values["max_attachment_bytes"])),
+    Setting("SMSP_MAX_INFLIGHT_BODY_BYTES", "max_inflight_body_bytes", _number(int, 1),
+            body_bytes_for(DEFAULT_MAX_ATTACHMENT_BYTES),
+            "request body bytes held at once, from reading to answering; one more gets 503 "
+            "(unset: SMSP_MAX_BODY_BYTES, one largest body at a time)",
+            follows=lambda values: values["max_body_bytes"]),
     Setting("SMSP_HOST", "host", _parse_text, "0.0.0.0", "listen address (--host)"),
     Setting("SMSP_PORT", "port", _number(int, 0, 65535), 8080, "listen port (--port)"),
     Setting("SMSP_LOG_OUTPUT_FORMAT", "log_format", _parse_log_format, "DEBUG",
@@ -657,6 +688,7 @@ class Config:
     failure_threshold: int
     max_body_bytes: int
     max_attachment_bytes: int
+    max_inflight_body_bytes: int
     host: str
     port: int
     log_format: str
@@ -696,6 +728,9 @@ class Config:
         for env, path in (("SMSP_TLS_CERT", self.tls_cert), ("SMSP_TLS_KEY", self.tls_key)):
             if path and not os.path.isfile(path):
                 problems.append(f"{env} is not a readable file: {path}")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            problems.append("SMSP_MAX_INFLIGHT_BODY_BYTES must be at least SMSP_MAX_BODY_BYTES, "
+                            "or the largest bodies could never be taken")
         return problems
 
 
@@ -716,29 +751,51 @@ _LEVEL_NAMES = {level: level.name.lower() for level in Level}
 
 
 PIPE_BUF = 4096  # POSIX: a write of at most this many bytes to a pipe is not interleaved
+LOG_QUEUE_LINES = 8192  # lines waiting for stdout at most (about 4 MB); more are dropped
+
+
+def _dropped_notice(count: int) -> str:
+    return f'{{"level":"warning","event":"log_lines_dropped","dropped":{count}}}\n'
 
 
 class LineWriter:
     """Writes log lines to a file descriptor in batches, from one daemon thread.
 
-    ``write(line)`` only queues the line (a deque append: thread-safe, no lock,
-    no syscall, so a request thread keeps the GIL); every ``interval`` seconds
-    the flusher writes what is queued, whole lines in writes of at most
-    PIPE_BUF bytes, so lines of several worker processes sharing one pipe never
-    interleave.  ``close()`` (also run at exit) writes what is left.  A process
-    killed with SIGKILL loses at most the last interval's lines.
+    ``write(line)`` only queues the line (a deque append: no lock, no syscall,
+    so a request thread keeps the GIL and never waits for stdout).  At most
+    ``max_lines`` wait: past that a line is dropped and counted in
+    ``dropped``, and once stdout takes lines again one line made by
+    ``notice(count)`` says how many were lost.  Every ``interval`` seconds the
+    flusher writes what is queued, whole lines in writes of at most PIPE_BUF
+    bytes, so lines of several worker processes sharing one pipe never
+    interleave.  ``close()`` (also run at exit) lets the flusher write what
+    is left, waiting at most ``grace`` seconds: a reader of stdout that
+    stalls holds neither an answer nor the shutdown.  A process killed with
+    SIGKILL loses at most the last interval's lines.
     """
 
-    def __init__(self, fd: int = 1, interval: float = 0.05) -> None:
+    def __init__(self, fd: int = 1, interval: float = 0.05, *,
+                 max_lines: int = LOG_QUEUE_LINES, grace: float = 10.0,
+                 notice: Callable[[int], str] = _dropped_notice) -> None:
         self._fd = fd
         self._interval = interval
+        self._max_lines = max_lines
+        self._grace = grace
+        self.notice = notice
+        self.dropped = 0
+        self._told = 0  # of the dropped lines, how many a notice line has counted
         self._queue: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()  # one flush at a time keeps the lines in order
+        self._lock = threading.Lock()  # guards the dropped count and the thread's start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        atexit.register(self.flush)
+        self._closed = False
+        atexit.register(self.close)
 
     def write(self, line: str) -> None:
+        if len(self._queue) >= self._max_lines:  # threads racing past it add a line each
+            with self._lock:
+                self.dropped += 1
+            return
         self._queue.append(line)
         if self._thread is None:
             self._start()
@@ -748,23 +805,27 @@ class LineWriter:
             if self._thread is None:
                 self._thread = start_thread(self._run, "smsp-log")
 
-    def _run(self) -> None:
+    def _run(self) -> None:  # the only writer of the file descriptor: lines stay in order
         while not self._stop.wait(self._interval):
-            self.flush()
+            self._flush()
+        self._flush()
 
-    def flush(self) -> None:
-        with self._lock:
-            batch: list[bytes] = []
-            size = 0
-            while self._queue:
-                data = self._queue.popleft().encode("utf-8", "replace")
-                if batch and size + len(data) > PIPE_BUF:
-                    self._write_all(b"".join(batch))
-                    batch, size = [], 0
-                batch.append(data)
-                size += len(data)
-            if batch:
+    def _flush(self) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for _ in range(len(self._queue)):  # what is queued now: a notice need not wait for a lull
+            data = self._queue.popleft().encode("utf-8", "replace")
+            if batch and size + len(data) > PIPE_BUF:
                 self._write_all(b"".join(batch))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        if batch:
+            self._write_all(b"".join(batch))
+        dropped = self.dropped
+        if dropped > self._told:
+            self._write_all(self.notice(dropped - self._told).encode("utf-8", "replace"))
+            self._told = dropped
 
     def _write_all(self, data: bytes) -> None:
         try:
@@ -773,9 +834,16 @@ class LineWriter:
         except OSError:
             pass  # stdout is gone: nothing better to do with a log line
 
-    def close(self) -> None:
+    def close(self, grace: float | None = None) -> None:
+        """Write out what is queued, waiting at most ``grace`` seconds (default: the
+        constructor's); a second call returns at once."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
-        self.flush()
+        thread = self._thread
+        if thread is not None:
+            thread.join(self._grace if grace is None else grace)
 
 
 def _json_text(value: str) -> str:
@@ -815,7 +883,8 @@ class Logger:
     """Writes one structured line per event.
 
     Thread-safe: every line is one call of ``write`` (by default a
-    LineWriter on stdout).  Lines are formatted by hand, which costs a few
+    LineWriter on stdout, or the ``writer`` given; its close waits at most
+    ``grace`` seconds for stdout).  Lines are formatted by hand, which costs a few
     microseconds; an access line is written for every request.  Callers must
     never pass secrets or message bodies; addresses go to debug events only.
     The format is DEBUG (``time LEVEL event key=value ...``), JSON_ONELINE
@@ -824,11 +893,17 @@ class Logger:
 
     def __init__(self, fmt: str = "DEBUG", *, debug: bool = False,
                  write: Callable[[str], None] | None = None, host: str | None = None,
-                 worker: int | None = None, wallclock: Callable[[], float] = time.time) -> None:
+                 worker: int | None = None, wallclock: Callable[[], float] = time.time,
+                 writer: LineWriter | None = None, grace: float = 10.0) -> None:
         self.debug_enabled = debug
         self._min = Level.DEBUG if debug else Level.INFO
-        self._writer = LineWriter() if write is None else None
-        self._write = self._writer.write if self._writer is not None else write
+        if writer is None and write is None:
+            writer = LineWriter(grace=grace)
+        self._writer = writer
+        if writer is not None:
+            writer.notice = lambda count: self._line(Level.WARNING, "log_lines_dropped",
+                                                     {"dropped": count})
+        self._write = writer.write if writer is not None else write
         self._fmt = fmt
         self._host = host or socket.gethostname()
         self._worker = worker
@@ -847,8 +922,10 @@ class Logger:
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
     def log(self, level: Level, event: str, **fields: Any) -> None:
-        if level < self._min:
-            return
+        if level >= self._min:
+            self._write(self._line(level, event, fields))
+
+    def _line(self, level: Level, event: str, fields: dict[str, Any]) -> str:
         stamp = self._time()
         if self._fmt == "JSON_ONELINE":  # by hand: this runs for every request
             out = [f'{{"time":"{stamp}","level":"{_LEVEL_NAMES[level]}","event":"{event}"'
@@ -876,12 +953,17 @@ class Logger:
                 record["worker"] = self._worker
             record.update((k, v) for k, v in fields.items() if v is not None)
             line = json.dumps(record, indent=2, default=str) + "\n"
-        self._write(line)
+        return line
 
-    def close(self) -> None:
-        """Write out what is queued (a no-op with a custom ``write``)."""
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because stdout did not take them (0 with a custom ``write``)."""
+        return self._writer.dropped if self._writer is not None else 0
+
+    def close(self, grace: float | None = None) -> None:
+        """Write out what is queued, waiting at most ``grace`` seconds for stdout."""
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(grace)
 
     def debug(self, event: str, **fields: Any) -> None:
         if self.debug_enabled:
@@ -898,20 +980,21 @@ class Logger:
 
 
 class IdGenerator:
-    """Cheap unique ids in UUID4 form: a random per-process prefix and a counter.
+    """Unique ids in UUID4 form that an observer cannot predict from earlier ones.
 
-    Unique, not secret: each process (and each forked worker, which makes its
-    own) draws 80 random bits once; the counter makes the rest.
+    Each id is 122 bits of a Mersenne Twister seeded from os.urandom when the
+    generator is made (each process, and each forked worker, makes its own).
+    Not cryptographic, but no id tells the next one or how many came between:
+    ids reach anonymous pages, and a counter there would count the traffic.
+    ``getrandbits`` runs in C under the GIL, so calls from threads are safe.
     """
 
     def __init__(self) -> None:
-        r = os.urandom(9).hex()
-        variant = "89ab"[int(r[17], 16) & 3]
-        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{variant}{r[15:18]}-"
-        self._counter = itertools.count()  # next() is atomic under the GIL
+        self._bits = random.Random(os.urandom(32)).getrandbits
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+        h = f"{self._bits(128) & _UUID_RANDOM_BITS | _UUID4_BITS:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # -------------------------------------------------- messages and validation ---
@@ -973,20 +1056,51 @@ def _reject_constant(name: str) -> None:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_TOO_DEEP = f"malformed JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+
+
+def _json_too_deep(raw: bytes) -> bool:
+    """Whether valid JSON ``raw`` nests arrays and objects deeper than MAX_JSON_DEPTH.
+
+    With no more brackets than that (a usual body), it cannot.  Otherwise the
+    strings are cut out (brackets in them do not nest), and each round
+    removes the innermost pairs: a valid document is gone after as many
+    rounds as it is deep.  Invalid JSON may come out either way; the decoder
+    refuses it then.  All of it runs in C.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    brackets = _JSON_STRING_RE.sub(b"", raw).translate(_AS_SQUARE, _NOT_BRACKET)
+    for _ in range(MAX_JSON_DEPTH):
+        shorter = brackets.replace(b"[]", b"")
+        if shorter == brackets:
+            return False  # unbalanced: not JSON, and the decoder will say why
+        brackets = shorter
+    return brackets != brackets.replace(b"[]", b"")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a request body: strict UTF-8 JSON object, no duplicate keys."""
+    """Decode a request body: strict UTF-8 JSON object, no duplicate keys.
+
+    Arrays and objects nest at most MAX_JSON_DEPTH deep, so that nothing
+    that walks the document later (re-encoding it for an Idempotency-Key)
+    can run out of stack.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValidationError("", f"body is not valid UTF-8 (byte {exc.start})") from None
     if text.startswith("\ufeff"):
         raise ValidationError("", "body starts with a byte-order mark; send UTF-8 JSON without it")
+    if _json_too_deep(raw):
+        raise ValidationError("", _TOO_DEEP)
     try:
         document = _DECODER.decode(text)
     except RecursionError:
-        raise ValidationError("", "malformed JSON: nested too deeply") from None
+        raise ValidationError("", _TOO_DEEP) from None
     except ValueError as exc:
         raise ValidationError("", f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(document, dict):
@@ -1389,6 +1503,8 @@ FAMILIES = (
     Family("smsp_idempotency_store_duration_seconds", "histogram",
            "Idempotency store operation duration.", ("operation",)),
     Family("smsp_inflight_requests", "gauge", "Requests being served now.", ()),
+    Family("smsp_log_lines_dropped_total", "counter",
+           "Log lines dropped because stdout did not take them.", ()),
     Family("smsp_build_info", "gauge", "Build information.", ("version",)),
     Family("process_start_time_seconds", "gauge", "Start time of the process since the epoch.",
            ()),
@@ -1402,8 +1518,9 @@ def _label_value(value: str) -> str:
 class Metrics:
     """Counters and histograms, written in the Prometheus text format 0.0.4.
 
-    Thread-safe; the lock guards only the dictionaries.  Gauges are read at
-    scrape time from the objects that own them (``render(gauges)``).  With
+    Thread-safe; the lock guards only the dictionaries.  Gauges, and counters
+    kept by another object, are read at scrape time from the objects that own
+    them (``render(gauges)``).  With
     ``worker`` set, every series carries a ``worker`` label.
     """
 
@@ -1473,7 +1590,7 @@ class Metrics:
                     lines.append(f"{name}_sum{self._labels(family, labels)} {total:.6f}")
                     lines.append(f"{name}_count{self._labels(family, labels)} {count}")
                 continue
-            if family.kind == "gauge":
+            if family.kind == "gauge" or family.name in gauges:
                 series = sorted(gauges.get(family.name, ()))
             else:
                 series = sorted((labels, v) for (n, labels), v in counters.items()
@@ -3497,59 +3614,64 @@ class ClientGone(SmspError):
     """The client closed the connection or ran out of time mid-request."""
 
 
-_COMMON_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
+_COMMON_VERSIONS = {b"HTTP/1.1": (1, 1), b"HTTP/1.0": (1, 0)}
+_VERSION_RE = re.compile(rb"HTTP/[0-9]{1,10}\.[0-9]{1,10}")  # the length limit is http.server's
+_TARGET_BYTES = bytes(range(0x21, 0x7F))  # visible ASCII: a URI has no space or control
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r?\n")
+_FIELD_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # every control but HTAB
 
 
-def _parse_version(word: str) -> tuple[int, int]:
-    """``HTTP/x.y`` as http.server reads it: 400 when malformed, 505 from 2.0 on."""
-    try:
-        if not word.startswith("HTTP/"):
-            raise ValueError
-        parts = word.split("/", 1)[1].split(".")
-        if len(parts) != 2 or any(not p.isdigit() or len(p) > 10 for p in parts):
-            raise ValueError
-        version = (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        raise HTTPError(400, f"Bad request version ({word!r})") from None
-    if version >= (2, 0):
-        raise HTTPError(505, f"Invalid HTTP version ({word.split('/', 1)[1]})")
-    return version
+def _parse_version(word: bytes) -> tuple[int, int]:
+    """HTTP/1.1 or HTTP/1.0; 505 for any other ``HTTP/x.y``, 400 when malformed."""
+    version = _COMMON_VERSIONS.get(word)
+    if version is not None:
+        return version
+    text = word.decode("iso-8859-1")
+    if _VERSION_RE.fullmatch(word):
+        raise HTTPError(505, f"Invalid HTTP version ({text[5:]}); HTTP/1.1 and 1.0 are served")
+    raise HTTPError(400, f"Bad request version ({text[:100]!r})")
 
 
-def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]] | None:
-    """Split a request line as http.server does; None for a blank line (just close).
+def parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:
+    """Method, target and version of ``method SP target SP version CRLF`` (RFC 9112 §3).
 
-    Raises HTTPError with http.server's status: 400 for bad syntax or
-    version, 505 for HTTP/2 and later.  HTTP/0.9 requests are refused with 400.
+    Raises HTTPError: 400 unless exactly one space separates three parts (a
+    tab, VT, NEL or NBSP there included), the method is a token and the
+    target visible ASCII; 400 for HTTP/0.9's two parts or a malformed
+    version, 505 for a version other than HTTP/1.1 and HTTP/1.0.
     """
-    text = str(line, "iso-8859-1").rstrip("\r\n")
-    words = text.split()
-    if not words:
-        return None
-    version = (0, 9)
-    if len(words) >= 3:
-        version = _COMMON_VERSIONS.get(words[-1]) or _parse_version(words[-1])
-    if not 2 <= len(words) <= 3:
-        raise HTTPError(400, f"Bad request syntax ({text[:100]!r})")
-    if len(words) == 2:
+    usual = _REQUEST_LINE_RE.fullmatch(line)  # one C call for a well-formed line
+    if usual is not None:
+        return usual[1].decode("ascii"), usual[2].decode("ascii"), _COMMON_VERSIONS[usual[3]]
+    parts = line[:-2 if line.endswith(b"\r\n") else -1].split(b" ")
+    if len(parts) == 2 and not parts[1].startswith(b"HTTP/"):
         raise HTTPError(400, "HTTP/0.9 requests are not supported")
-    return words[0], words[1], version
+    if len(parts) != 3:
+        raise HTTPError(400, f"Bad request syntax ({line[:100].decode('iso-8859-1')!r})")
+    method, target, word = parts
+    version = _parse_version(word)
+    if not method or method.translate(None, _TOKEN_BYTES) or not target \
+            or target.translate(None, _TARGET_BYTES):
+        raise HTTPError(400, f"Bad request syntax ({line[:100].decode('iso-8859-1')!r})")
+    return method.decode("ascii"), target.decode("ascii"), version
 
 
-def read_headers(rfile: Any) -> dict[str, str]:
-    """Read header lines up to the blank line, with http.server's limits.
+def read_headers(rfile: Any, limit: int = MAX_HEAD) -> dict[str, str]:
+    """Read header lines up to the blank line, at most ``limit`` bytes in all.
 
-    A line over 65536 bytes or more than 100 lines gets 431 as in http.server;
-    a line without a colon, or with space before it, gets 400.  Repeated
-    headers are joined with ", ", except those that must be unique (400).
-    Raises ClientGone when the stream ends first.
+    Past ``limit`` (checked as the bytes arrive) or past 100 lines: 431.  A
+    line without a colon, with space before it, or with a control character
+    other than HTAB in its value: 400.  Repeated headers are joined with ", ",
+    except those that must be unique (400).  Raises ClientGone when the
+    stream ends first.
     """
     headers: dict[str, str] = {}
     lines = 0
     while True:
-        line = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise HTTPError(431, "Line too long")
+        line = rfile.readline(limit + 1)
+        limit -= len(line)
+        if limit < 0:
+            raise HTTPError(431, f"request line and headers over {MAX_HEAD} bytes")
         lines += 1
         if lines > MAX_HEADERS:
             raise HTTPError(431, "Too many headers")
@@ -3561,12 +3683,35 @@ def read_headers(rfile: Any) -> dict[str, str]:
         if not colon or not name or name.translate(None, _TOKEN_BYTES):
             raise HTTPError(400, "Bad header line")
         key = name.lower().decode("ascii")
+        # A bare CR at either end goes with the white space (RFC 9112 §2.2 lets it be read
+        # as SP); anywhere else it is a control character, refused with the others.
         text = value.strip(b" \t\r\n").decode("iso-8859-1")
+        if not text.isprintable() and _FIELD_CONTROL_RE.search(text):  # the C test first
+            raise HTTPError(400, f"control character in the {key[:64]} header value")
         if key in headers:
             if key in _UNIQUE_HEADERS:
                 raise HTTPError(400, f"Repeated {key} header")
             text = f"{headers[key]}, {text}"
         headers[key] = text
+
+
+def target_path(target: str) -> str:
+    """The path of a request target, without its query.
+
+    The absolute form (``http://host/path``) is served as its path, as RFC
+    9112 §3.2.2 asks of a server; a leading ``//`` is collapsed to ``/``.
+    """
+    if not target.startswith("/"):
+        try:
+            url = urllib.parse.urlsplit(target)
+        except ValueError:  # e.g. an unclosed [IPv6] host: no such path, then
+            return target
+        if url.scheme in ("http", "https") and url.netloc:
+            target = url.path or "/"
+    path = target.split("?", 1)[0]
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path
 
 
 JSON_TYPE = "application/json"
@@ -3709,6 +3854,31 @@ def _is_json_type(value: str) -> bool:
     return True
 
 
+class ByteBudget:
+    """A process-wide allowance of bytes held at once, e.g. request bodies being read.
+
+    ``take(n)`` holds ``n`` bytes and says True while the total stays within
+    ``limit``, else holds nothing and says False; ``give_back(n)`` returns
+    them.  Thread-safe.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.held + n > self.limit:
+                return False
+            self.held += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
 def fingerprint(document: Mapping[str, Any]) -> str:
     """The digest an Idempotency-Key is bound to: the canonical JSON of the body."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -3733,8 +3903,9 @@ class Application:
 
     A plain object that tests call with ``handle(Request(...))``; it holds no
     socket.  Checks run in this order: route (404, 405), API key (401),
-    Content-Length (411), size (413), Content-Type (415), then the body
-    (400).  Thread-safe: its collaborators are.
+    Content-Length (411), size (413), Content-Type (415), Idempotency-Key
+    (400), room in the body budget (503 overloaded, before the body is read),
+    then the body (400).  Thread-safe: its collaborators are.
     """
 
     def __init__(self, config: Config, *, dispatcher: Dispatcher,
@@ -3743,6 +3914,8 @@ class Application:
         self._max_body = config.max_body_bytes
         self._limits = Limits.of(config)
         self._timeout = config.timeout
+        self._max_body_digits = len(str(config.max_body_bytes))
+        self.bodies = ByteBudget(config.max_inflight_body_bytes)
         self.dispatcher = dispatcher
         self.idempotency = idempotency
         self.metrics = metrics
@@ -3813,7 +3986,8 @@ class Application:
         if not (length.isascii() and length.isdigit()):
             return error_response(400, "Content-Length must be a decimal number", rid,
                                   reason="bad_length")
-        if len(length) > 20 or int(length) > self._max_body:
+        digits = length.lstrip("0") or "0"  # int() refuses more than 4,300 digits: look first
+        if len(digits) > self._max_body_digits or int(digits) > self._max_body:
             return error_response(413, f"body larger than {self._max_body} bytes", rid,
                                   reason="body_too_large")
         content_type = headers.get("content-type")
@@ -3836,21 +4010,31 @@ class Application:
         refusal = self._refusal(headers, rid)
         if refusal is not None:
             return refusal
+        size = int(headers["content-length"].lstrip("0") or "0")
+        if not self.bodies.take(size):
+            return error_response(503, "overloaded", rid, delivery=Delivery.NOT_SENT,
+                                  headers=(("Retry-After", "1"),), reason="overloaded")
+        try:  # the bytes count until the answer: the body, its document and the message
+            return self._receive(request, size, scope, rid)
+        finally:
+            self.bodies.give_back(size)
+
+    def _receive(self, request: Request, size: int, scope: bytes, rid: str) -> Response:
         try:
-            message, print_ = self._read_message(request)
+            message, print_ = self._read_message(request, size)
         except ValidationError as exc:
             return error_response(400, str(exc), rid, reason="invalid_field")
-        key = headers.get("idempotency-key")
+        key = request.headers.get("idempotency-key")
         if key is None or print_ is None:
             return self._deliver(message, rid)
         digest = hashlib.sha256(scope + b"\0" + key.encode("ascii")).hexdigest()
         return self._deliver_once(digest, print_, dataclasses.replace(message, key=digest),
                                   rid)
 
-    def _read_message(self, request: Request) -> tuple[Message, str | None]:
+    def _read_message(self, request: Request, size: int) -> tuple[Message, str | None]:
         """The message and, with an Idempotency-Key, its body's fingerprint.  The raw body
         and its JSON (attachments as base64) are let go here, before any provider call."""
-        raw = request.read_body(int(request.headers["content-length"]))
+        raw = request.read_body(size)
         document = parse_json_object(raw)
         message = parse_message(document, self._limits)
         keyed = "idempotency-key" in request.headers
@@ -3971,6 +4155,7 @@ class Application:
             "smsp_circuit_open": [((lane.provider.name,), int(lane.breaker.state is State.OPEN))
                                   for lane in lanes],
             "smsp_inflight_requests": [((), self.inflight())],
+            "smsp_log_lines_dropped_total": [((), self._log.dropped)],
         })
         return Response(200, text.encode(), content_type=METRICS_TYPE)
 
@@ -4145,14 +4330,86 @@ def _schemas() -> dict[str, Any]:
 
 
 class _Connection(Deadline):
-    """A client connection's request budget, and what the drain needs to know of it."""
+    """A client connection's budget, and what the drain needs to know of it.
 
-    __slots__ = ("drained", "idle")
+    While a request is read the watchdog shuts the read side at the deadline,
+    which wakes the reader and leaves the write side open for the 408; while
+    an answer is written it shuts both sides, as a read shutdown does not
+    wake a blocked send().  A TLS connection times its own reads with a
+    socket timeout (``self_timed``): a read shutdown would end the TLS stream
+    (OpenSSL 3 reads it as an unexpected EOF) and the 408 could not follow.
+    Its handshake has nothing to answer, so the watchdog shuts both sides then.
+    """
 
-    def __init__(self, deadline: float, handler: "Handler") -> None:
-        super().__init__(deadline, handler, "request", socket.SHUT_RD)
-        self.drained = False
+    __slots__ = ("idle", "self_timed", "tls")
+
+    def __init__(self, deadline: float, handler: "Handler", *, tls: bool) -> None:
+        super().__init__(deadline, handler, "request", socket.SHUT_RDWR)
         self.idle = True
+        self.tls = tls
+        self.self_timed = False
+        if not tls:
+            self.reading(deadline)
+
+    def reading(self, deadline: float | None) -> None:
+        self._how = socket.SHUT_RD
+        self.self_timed = self.tls
+        self.deadline = deadline
+
+    def writing(self, deadline: float) -> None:
+        self._how = socket.SHUT_RDWR
+        self.self_timed = False
+        self.deadline = deadline
+
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            if not self.self_timed:
+                self.interrupt()
+
+    def input_waiting(self) -> bool:
+        """Whether the client has sent something not yet read (or closed): never blocks."""
+        sock = getattr(self._owner, self._attribute, None)
+        fd = -1 if sock is None else sock.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class _TLSReader(io.RawIOBase):
+    """The raw stream under a TLS connection's rfile: no read waits past the deadline.
+
+    Each read gets what is left of the request budget as its socket timeout,
+    so a client dripping bytes is cut off in time.  At the deadline it reads
+    as the end of the stream, as a plain connection does after the watchdog's
+    read shutdown, and the TLS stream stays whole for the 408 (see
+    _Connection).
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, conn: _Connection, clock: Callable[[], float],
+                 budget: float) -> None:
+        super().__init__()
+        self._tls = sock
+        self._conn = conn
+        self._clock = clock
+        self._budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        deadline = self._conn.deadline
+        left = self._budget if deadline is None else deadline - self._clock()
+        if left > 0:
+            self._tls.settimeout(left)
+            try:
+                return self._tls.recv_into(buffer)
+            except TimeoutError:
+                pass
+        self._conn.expired = True
+        return 0
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -4160,9 +4417,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     It keeps http.server's limits with a lean header parser (the email
     package costs more than the rest of a request), writes every response in
-    one send, and bounds each request by the client budget through the
-    server's watchdog instead of a socket timeout (which would add a poll()
-    to every read).  Shared state is reached through ``self.server``.
+    one send, and bounds the TLS handshake, each request and each answer by
+    the client budget through the server's watchdog instead of a socket
+    timeout (which would add a poll() to every read; TLS connections pay it,
+    see _Connection).  Shared state is reached through ``self.server``.
     """
 
     protocol_version = "HTTP/1.1"
@@ -4172,16 +4430,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         server = self.server
-        self.conn = _Connection(server.clock() + server.client_timeout, self)
+        context = server.ssl_context
+        self.conn = _Connection(server.clock() + server.client_timeout, self,
+                                tls=context is not None)
         server.watchdog.watch(self.conn)
         server.track(self.conn)
-        self.tls_failed = False
-        if server.ssl_context is not None:
-            try:  # the handshake runs here, in the connection's thread, within the budget
-                self.request = server.ssl_context.wrap_socket(self.request, server_side=True)
-            except (OSError, ValueError):
-                self.tls_failed = True
+        self.tls_failed = context is not None and not self._handshake(context)
         super().setup()
+        if context is not None and not self.tls_failed:
+            self.rfile.close()
+            self.rfile = io.BufferedReader(_TLSReader(self.request, self.conn, server.clock,
+                                                      server.client_timeout))
+
+    def _handshake(self, context: ssl.SSLContext) -> bool:
+        """The TLS handshake, in the connection's thread and within its budget.
+
+        wrap_socket detaches the socket it is given, so the handler holds the
+        TLS socket before the handshake starts: that is the one the watchdog
+        must shut down (a shutdown of the detached one missed, and a silent
+        client held its slot for good).  A socket timeout bounds it too.
+        """
+        conn = self.conn
+        try:
+            self.request = context.wrap_socket(self.request, server_side=True,
+                                               do_handshake_on_connect=False)
+            self.request.settimeout(max(0.001, (conn.deadline or 0) - self.server.clock()))
+            self.request.do_handshake()
+        except (OSError, ValueError):
+            return False
+        conn.reading(conn.deadline)
+        return True
 
     def handle(self) -> None:
         self.close_connection = self.tls_failed
@@ -4195,30 +4473,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().finish()
         except OSError:
             pass
+        if isinstance(self.request, ssl.SSLSocket):  # socketserver closes the detached one
+            _shutdown_socket(self.request, socket.SHUT_WR)
+            self.request.close()
 
     def handle_one_request(self) -> None:
         server = self.server
         conn = self.conn
-        conn.deadline = server.clock() + server.client_timeout
+        conn.reading(server.clock() + server.client_timeout)
         conn.idle = True  # before the draining check: see Server.drain
         self.close_connection = True
-        if server.draining:
-            return
+        if server.draining and not self._request_waiting():
+            return  # accepted as the drain began, and nothing sent: close
         try:
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            while line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignored before a request line
+                line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         except OSError:
             return
         if not line:
-            return  # an idle connection closed or timed out: no answer owed
-        if not server.begin_request(conn):
-            rid = server.ids()
-            self._answer(error_response(503, "server is shutting down", rid,
-                                        delivery=Delivery.NOT_SENT), rid)
-            return
+            return  # an idle connection closed, timed out or was drained: no answer owed
+        server.begin_request(conn)  # it arrived: served even if the drain has begun
         try:
             self._serve(line)
         finally:
             server.end_request()
+
+    def _request_waiting(self) -> bool:
+        sock = self.request
+        return self.conn.input_waiting() or (isinstance(sock, ssl.SSLSocket) and
+                                             sock.pending() > 0)
 
     def _serve(self, line: bytes) -> None:
         server = self.server
@@ -4226,10 +4510,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rid = ""
         method = path = "-"
         try:
-            head = self._read_head(line)
-            if head is None:
-                return
-            method, path, version, headers = head
+            method, path, version, headers = self._read_head(line)
             given = headers.get("x-request-id")
             rid = given if given and _REQUEST_ID_RE.fullmatch(given) else server.ids()
             connection = headers.get("connection")
@@ -4261,24 +4542,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._answer(response, rid, method, path, started, keep_alive=keep_alive,
                      head_only=method == "HEAD", http10=version < (1, 1))
 
-    def _read_head(self, line: bytes) -> tuple[str, str, tuple[int, int], dict[str, str]] | None:
-        """Method, path (no query), version and headers; None for a blank line.
+    def _read_head(self, line: bytes) -> tuple[str, str, tuple[int, int], dict[str, str]]:
+        """Method, path (no query), version and headers.
 
-        Raises HTTPError for what http.server would refuse, ClientGone when
-        the stream ends first.
+        Raises HTTPError for what RFC 9112 (or http.server's limits) refuse,
+        ClientGone when the stream ends first.
         """
         if not line.endswith(b"\n"):
             if len(line) > MAX_REQUEST_LINE:
                 raise HTTPError(414, "Request-URI Too Long")
             raise ClientGone("request line incomplete")
-        parsed = parse_request_line(line)
-        if parsed is None:
-            return None
-        method, target, version = parsed
-        path = target.split("?", 1)[0]
-        if path.startswith("//"):
-            path = "/" + path.lstrip("/")
-        return method, path, version, read_headers(self.rfile)
+        method, target, version = parse_request_line(line)
+        headers = read_headers(self.rfile, MAX_HEAD - len(line))
+        if version >= (1, 1) and "host" not in headers:
+            raise HTTPError(400, "an HTTP/1.1 request must have a Host header")
+        return method, target_path(target), version, headers
+
+    def send_within_budget(self, data: bytes, deadline: float) -> None:
+        """Send ``data``, or be cut off at ``deadline`` if the client does not read."""
+        conn = self.conn
+        conn.writing(deadline)
+        if conn.expired:  # the watchdog let go of it when the read budget ran out
+            self.server.watchdog.watch(conn)
+        if conn.tls:
+            self.request.settimeout(max(0.001, deadline - self.server.clock()))
+        self.wfile.write(data)
 
     def _answer(self, response: Response, rid: str, method: str = "-", path: str = "-",
                 started: float | None = None, *, keep_alive: bool = False,
@@ -4288,7 +4576,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = not keep_alive
         data = response_head(response, rid, server.date(), keep_alive=keep_alive, http10=http10)
         try:
-            self.wfile.write(data if head_only else data + response.body)
+            self.send_within_budget(data if head_only else data + response.body,
+                                    server.clock() + server.client_timeout)
         except OSError:
             self.close_connection = True
         if started is not None:
@@ -4308,13 +4597,16 @@ class _BodyReader:
 
     def read(self, size: int) -> bytes:
         handler = self._handler
-        if self._expect and size:
-            handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn = handler.conn
+        if self._expect and size and conn.deadline is not None:
+            deadline = conn.deadline  # the interim answer spends the request's budget
+            handler.send_within_budget(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+            conn.reading(deadline)
         data = handler.rfile.read(size) if size else b""
         if len(data) < size:
             raise ClientGone("body incomplete")
         self.pending = False
-        handler.conn.deadline = None  # the budget covers receiving, not our provider calls
+        conn.deadline = None  # the budget covers receiving, not our provider calls
         return data
 
 
@@ -4414,6 +4706,9 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             with self._lock:  # the socket is closed by now: the slot is free
                 self._active -= 1
+                quiet = self._active == 0
+            if quiet and self.draining:
+                self._quiet.set()
 
     def accept_waiting(self) -> None:
         """Take up to ACCEPT_FANOUT connections waiting on the listener, each in its own thread.
@@ -4460,14 +4755,11 @@ class Server(http.server.ThreadingHTTPServer):
         with self._lock:
             self._connections.discard(conn)
 
-    def begin_request(self, conn: _Connection) -> bool:
-        """Count a request in flight, unless the drain already closed its connection."""
+    def begin_request(self, conn: _Connection) -> None:
+        """Count a request in flight: its connection is no longer idle for the drain."""
         with self._lock:
-            if conn.drained:
-                return False
             conn.idle = False
             self._inflight += 1
-            return True
 
     def end_request(self) -> None:
         with self._lock:
@@ -4485,18 +4777,25 @@ class Server(http.server.ThreadingHTTPServer):
         return self._active
 
     def drain(self, grace: float) -> int:
-        """Close idle connections, let requests in flight finish; return how many did not."""
+        """Wake idle connections to close, let the others finish; how many requests did not.
+
+        A connection is idle when no request of it is in flight and nothing
+        waits to be read on it.  A request that has arrived is served like
+        one in flight: the drain leaves a connection alone if bytes wait on
+        it, and a handler serves whatever request line it reads (it checks
+        again for a connection accepted just before).  The drain waits, at
+        most ``grace`` seconds, until every connection has closed.
+        """
         deadline = self.clock() + grace
         with self._lock:
             self.draining = True
             idle = [c for c in self._connections if c.idle]
-            for conn in idle:
-                conn.drained = True
         for conn in idle:
-            conn.interrupt()
-        while self._inflight and (left := deadline - self.clock()) > 0:
+            if not conn.input_waiting():  # a poll, outside the lock
+                conn.interrupt()
+        while (self._inflight or self._active) and (left := deadline - self.clock()) > 0:
             self._quiet.clear()
-            if self._inflight:  # a request that ended between the test and clear() set it
+            if self._inflight or self._active:  # one that ended between the test and clear()
                 self._quiet.wait(min(left, 0.1))
         return self._inflight
 
@@ -4601,7 +4900,8 @@ def build_service(config: Config, *, log: Logger | None = None,
                   worker: int | None = None) -> Service:
     """Wire the objects.  ``clock`` and ``timer`` drive the breakers and the idempotency
     store (tests pass fakes); deadlines on sockets always use the real monotonic clock."""
-    log = log or Logger(config.log_format, debug=config.log_debug, worker=worker)
+    log = log or Logger(config.log_format, debug=config.log_debug, worker=worker,
+                        grace=config.shutdown_grace)
     metrics = Metrics(worker=worker)
     watchdog = Watchdog(recheck=min(1.0, config.client_timeout))
     stop = threading.Event()
@@ -4639,6 +4939,20 @@ def make_server(service: Service, *, sock: socket.socket | None = None) -> Serve
                   ssl_context=server_tls_context(config), sock=sock)
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` from now on.
+
+    A worker starts with both blocked (see run_workers): one that came
+    while it was starting up was held back, and is handled now.
+    """
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def serve(config: Config, *, sock: socket.socket | None = None, worker: int | None = None,
           log: Logger | None = None) -> int:
     """Run one server until SIGTERM or SIGINT, then drain; the process exit status.
@@ -4648,10 +4962,6 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
     case a thread started by someone else took one.
     """
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
     service = build_service(config, log=log, worker=worker)
     log = service.log
     try:
@@ -4661,8 +4971,7 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
             log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
             service.close()
             return 2
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, on_signal)
+        _stop_on_signals(stop)
         # A thread waiting for the GIL wakes every switch interval to ask for it.
         # With 1,000 busy connections that is up to 200,000 wake-ups a second at the
         # default 5 ms; at 50 ms the bench's 1,000 connections got 15,000
@@ -4687,7 +4996,7 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
         log.info("stopped")
         return 0
     finally:
-        log.close()  # a worker leaves with os._exit: write out its last lines now
+        log.close()  # a worker leaves with os._exit: write out its last lines now (or give up)
 
 
 def run_workers(config: Config, log: Logger | None = None) -> int:
@@ -4697,7 +5006,7 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
     worker, which drains as a single server does.  Each worker has its own
     breakers, as separate nodes have.  Returns the worst worker exit status.
     """
-    log = log or Logger(config.log_format, debug=config.log_debug)
+    log = log or Logger(config.log_format, debug=config.log_debug, grace=config.shutdown_grace)
     try:
         sock = socket.create_server((config.host, config.port), backlog=1024)
     except OSError as exc:  # as serve() says it: one line and status 2, no traceback
@@ -4710,16 +5019,16 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
 
     def spawn(index: int) -> None:
         # Signals wait until the child has dropped the parent's handler (which would
-        # otherwise run in the child, signal its siblings and leave it serving).
+        # otherwise run in the child, signal its siblings and leave it serving), and
+        # then until serve() has its own: a SIGTERM while a worker starts is drained.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)  # until serve() installs its own
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                code = serve(config, sock=sock, worker=index)
+                    signal.signal(signum, signal.SIG_DFL)
+                code = serve(config, sock=sock, worker=index)  # unblocks the signals
             finally:
                 os._exit(code)
         children[pid] = index

@@ -27,12 +27,6 @@ RULES = DEPLOY / "prometheus-rules.yaml"
 RULE_TESTS = DEPLOY / "prometheus-rules.test.yaml"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 
-# EXPECTED-TO-COME: families another branch adds to smsp.FAMILIES (name: labels).
-# The lead removes each entry when merging the branch that adds the family.
-EXPECTED_FROM_OTHER_BRANCHES: dict[str, tuple[str, ...]] = {
-    "smsp_log_lines_dropped_total": (),  # the logging branch (issue 14, logs)
-}
-
 # Labels Prometheus or smsp put on every series, on top of a family's own.
 TARGET_LABELS = {"job", "instance", "worker"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -166,7 +160,7 @@ def exported_names(exposition: str) -> set[str]:
 
 def family_labels(name: str) -> set[str] | None:
     """The labels a series name may carry, or None for a name of no family."""
-    families = {f.name: f.labels for f in smsp.FAMILIES} | EXPECTED_FROM_OTHER_BRANCHES
+    families = {f.name: f.labels for f in smsp.FAMILIES}
     if name in families:
         return set(families[name]) | TARGET_LABELS
     for suffix in HISTOGRAM_SUFFIXES:
@@ -205,9 +199,7 @@ def test_a_scrape_names_every_family_before_its_first_sample() -> None:
 
 
 def test_rules_and_dashboard_name_only_metrics_a_live_scrape_exports(scrape: str) -> None:
-    exported = exported_names(scrape) | set(EXPECTED_FROM_OTHER_BRANCHES)
-    assert not set(EXPECTED_FROM_OTHER_BRANCHES) & exported_names(scrape), \
-        "now exported by smsp: remove it from EXPECTED_FROM_OTHER_BRANCHES"
+    exported = exported_names(scrape)
     unknown = {}
     for source, expr in all_queries():
         names = metric_names(expr)

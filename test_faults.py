@@ -584,7 +584,8 @@ HOSTILE = [
 @pytest.mark.parametrize(("body", "status", "message"), HOSTILE)
 def test_hostile_body_is_refused_clearly_and_the_server_keeps_serving(
         body: bytes, status: int, message: str) -> None:
-    with running(make_config(max_body_bytes=3 * 1024 * 1024)) as server:
+    with running(make_config(max_body_bytes=3 * 1024 * 1024,
+                             max_inflight_body_bytes=3 * 1024 * 1024)) as server:
         got, _, data = server.request("POST", "/email", body, {
             "X-API-KEY": API_KEY, "Content-Type": "application/json"})
         assert got == status, data[:300]

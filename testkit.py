@@ -155,13 +155,16 @@ def make_config(**overrides: Any) -> smsp.Config:
 
 
 class Running:
-    """The real server on port 0 in a thread, with fake clock and timers for breakers."""
+    """The real server on port 0 in a thread, with fake clock and timers for breakers.
 
-    def __init__(self, config: smsp.Config) -> None:
+    Its log lines are captured in ``lines``, unless another ``log`` is given.
+    """
+
+    def __init__(self, config: smsp.Config, log: smsp.Logger | None = None) -> None:
         self.lines = Lines()
         self.clock = FakeClock()
         self.timers = FakeTimers()
-        log = smsp.Logger("JSON_ONELINE", debug=config.log_debug, write=self.lines.write)
+        log = log or smsp.Logger("JSON_ONELINE", debug=config.log_debug, write=self.lines.write)
         self.service = smsp.build_service(config, log=log, clock=self.clock, timer=self.timers)
         self.server = smsp.make_server(self.service)
         self.thread = threading.Thread(target=self.server.serve_forever,
@@ -211,8 +214,8 @@ class Running:
 
 
 @contextmanager
-def running(config: smsp.Config) -> Iterator[Running]:
-    server = Running(config)
+def running(config: smsp.Config, log: smsp.Logger | None = None) -> Iterator[Running]:
+    server = Running(config, log)
     try:
         yield server
     finally:
@@ -274,14 +277,14 @@ def status_of(raw: bytes) -> int:
     return int(found.group(1)) if found else 0
 
 
-def make_certificate(folder: Path) -> tuple[str, str]:
+def make_certificate(folder: Path | str) -> tuple[str, str]:
     """A throwaway self-signed certificate for 127.0.0.1: (cert.pem, key.pem) paths.
 
     Skips the calling test when there is no openssl command.
     """
     if shutil.which("openssl") is None:
         pytest.skip("no openssl command to make a throwaway certificate")
-    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    cert, key = str(Path(folder) / "cert.pem"), str(Path(folder) / "key.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", key, "-out", cert], check=True, capture_output=True)
