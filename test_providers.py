@@ -7,6 +7,7 @@ from and to.  The tests here hold every provider to the same contract.
 import base64
 import dataclasses
 import email.utils
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +18,8 @@ import smsp
 from fake_postmark import FakePostmark
 from fake_resend import FakeResend, Hold, SendThenReset
 from fake_ses import FakeSES
-from fakes import FakeMailgun, Hang, ResetBeforeResponse, Status
-from testkit import peers_config, running, wait_for
+from fakes import FakeMailgun, FakeSendGrid, Hang, ResetBeforeResponse, Status
+from testkit import API_KEY, MG_KEY, peers_config, provider_config, running, wait_for
 
 POLL_NAMED = "Poll Box <poll@smsp.example.com>"
 
@@ -252,3 +253,33 @@ def test_a_provider_names_what_it_cannot_carry(name: str, message: smsp.Message,
                                                reason: str) -> None:
     assert reason in (smsp.PROVIDERS[name].cannot_carry(
         object.__new__(smsp.PROVIDERS[name]), message) or "")
+
+
+# ------------------------------------------- provider text on anonymous pages ---
+
+
+def test_healthcheck_shows_a_short_classification_never_provider_text_or_secrets(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    echo = f"upstream said: Authorization: Basic {base64.b64encode(b'api:' + MG_KEY.encode())}"
+    mailgun.script(Status(500, body={"message": echo}))
+    sendgrid.refuse()
+    with running(provider_config(mailgun, sendgrid)) as server:
+        status, _, body = server.send()
+        assert (status, body["delivery"]) == (502, "not_sent")
+        assert MG_KEY not in body["message"] and "Basic" not in body["message"]
+        health = json.loads(server.request("GET", "/healthcheck")[2])
+    errors = {p["name"]: p["last_error"] for p in health["providers"]}
+    assert errors == {"mailgun": "HTTP 500", "sendgrid": "connect refused, request not sent"}
+
+
+def test_a_rejection_passes_the_providers_words_with_every_secret_masked(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+    token = base64.b64encode(f"api:{MG_KEY}".encode()).decode()
+    mailgun.script(Status(400, body={"message": f"bad 'to' ({MG_KEY}, {API_KEY}, "
+                                                f"Authorization: Basic {token})"}))
+    with running(provider_config(mailgun, sendgrid)) as server:
+        status, _, body = server.send()
+    assert status == 422 and "bad 'to'" in body["message"]
+    for secret in (MG_KEY, API_KEY, token):
+        assert secret not in body["message"]
+    assert body["message"].count("****") == 3
