@@ -200,6 +200,7 @@ class ProviderError(SmspError):
 
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+MAIN_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # left to the main thread: stop, and reload
 
 
 def start_thread(target: Callable[..., Any], name: str, **kwargs: Any) -> threading.Thread:
@@ -210,7 +211,7 @@ def start_thread(target: Callable[..., Any], name: str, **kwargs: Any) -> thread
     Threads started from such a thread (one per connection, poll timers)
     inherit the mask.
     """
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_SIGNALS)
     try:
         thread = threading.Thread(target=target, name=name, kwargs=kwargs, daemon=True)
         thread.start()
@@ -4939,29 +4940,56 @@ def make_server(service: Service, *, sock: socket.socket | None = None) -> Serve
                   ssl_context=server_tls_context(config), sock=sock)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set ``stop`` from now on.
+def _stop_on_signals(stop: threading.Event, reload: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` from now on, and SIGHUP sets ``reload``.
 
-    A worker starts with both blocked (see run_workers): one that came
-    while it was starting up was held back, and is handled now.
+    A worker starts with them blocked (see Supervisor): one that came while it
+    was starting up was held back, and is handled now.
     """
     def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
+        (reload if signum == signal.SIGHUP else stop).set()
 
-    for signum in STOP_SIGNALS:
+    for signum in MAIN_SIGNALS:
         signal.signal(signum, on_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_SIGNALS)
 
 
-def serve(config: Config, *, sock: socket.socket | None = None, worker: int | None = None,
+def _reload(service: Service, server: Server, environ: Mapping[str, str]) -> None:
+    """SIGHUP: reread the secrets, and the TLS certificate and key for new handshakes."""
+    if not service.reload(environ) or server.ssl_context is None:
+        return
+    try:
+        server.ssl_context.load_cert_chain(service.config.tls_cert, service.config.tls_key)
+    except (OSError, ssl.SSLError) as exc:  # the old certificate stays
+        service.log.error("tls_reload_failed", error=type(exc).__name__)
+
+
+def _drain(service: Service, server: Server) -> int:
+    """Stop accepting, let what has arrived finish; the exit status."""
+    config, log = service.config, service.log
+    log.info("stopping", inflight=server.inflight, grace_s=config.shutdown_grace)
+    server.shutdown()
+    server.server_close()  # new connections are refused from here on
+    left = server.drain(config.shutdown_grace)
+    service.close()
+    if left:
+        log.error("shutdown_grace_exceeded", inflight=left)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+def serve(config: Config, *, environ: Mapping[str, str] | None = None,
+          sock: socket.socket | None = None, worker: int | None = None,
           log: Logger | None = None) -> int:
     """Run one server until SIGTERM or SIGINT, then drain; the process exit status.
 
-    Every thread smsp starts blocks both signals (see start_thread), so the
-    kernel hands them to the main thread; it also wakes twice a second in
-    case a thread started by someone else took one.
+    SIGHUP rereads the secrets from ``environ`` (os.environ by default) and
+    their files.  Every thread smsp starts blocks these signals (see
+    start_thread), so the kernel hands them to the main thread; it also
+    wakes twice a second in case a thread started by someone else took one.
     """
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     service = build_service(config, log=log, worker=worker)
     log = service.log
     try:
@@ -4971,7 +4999,7 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
             log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
             service.close()
             return 2
-        _stop_on_signals(stop)
+        _stop_on_signals(stop, reload)
         # A thread waiting for the GIL wakes every switch interval to ask for it.
         # With 1,000 busy connections that is up to 200,000 wake-ups a second at the
         # default 5 ms; at 50 ms the bench's 1,000 connections got 15,000
@@ -4984,28 +5012,95 @@ def serve(config: Config, *, sock: socket.socket | None = None, worker: int | No
         log.info("started", version=VERSION, address=f"{scheme}://{config.host}:{server.port}",
                  providers=",".join(config.active_providers), pid=os.getpid())
         while not stop.wait(0.5):
-            pass
-        log.info("stopping", inflight=server.inflight, grace_s=config.shutdown_grace)
-        server.shutdown()
-        server.server_close()  # new connections are refused from here on
-        left = server.drain(config.shutdown_grace)
-        service.close()
-        if left:
-            log.error("shutdown_grace_exceeded", inflight=left)
-            return 1
-        log.info("stopped")
-        return 0
+            if reload.is_set():
+                reload.clear()
+                _reload(service, server, os.environ if environ is None else environ)
+        return _drain(service, server)
     finally:
         log.close()  # a worker leaves with os._exit: write out its last lines now (or give up)
 
 
-def run_workers(config: Config, log: Logger | None = None) -> int:
-    """Fork ``config.workers`` servers sharing one listening socket and keep them running.
+class Supervisor:
+    """Forks ``config.workers`` servers sharing one listening socket, keeps them running.
 
-    A worker that dies is replaced; SIGTERM or SIGINT is forwarded to every
-    worker, which drains as a single server does.  Each worker has its own
-    breakers, as separate nodes have.  Returns the worst worker exit status.
+    A worker that dies is replaced (ten deaths within 10 s stop them all);
+    SIGTERM or SIGINT is forwarded to every worker, which drains as a single
+    server does, and SIGHUP too, which each worker reloads on.  Each worker
+    has its own breakers, as separate nodes have.
     """
+
+    def __init__(self, config: Config, sock: socket.socket, log: Logger,
+                 environ: Mapping[str, str] | None) -> None:
+        self.config, self.sock, self.log, self.environ = config, sock, log, environ
+        self.children: dict[int, int] = {}
+        self.stopping = False
+        self.restarts: collections.deque[float] = collections.deque(maxlen=10)
+
+    def spawn(self, index: int) -> None:
+        # Signals wait until the child has dropped the parent's handler (which would
+        # otherwise run in the child, signal its siblings and leave it serving), and
+        # then until serve() has its own: a SIGTERM while a worker starts is drained.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for signum in MAIN_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                code = serve(self.config, environ=self.environ, sock=self.sock,
+                             worker=index)  # unblocks the signals
+            finally:
+                os._exit(code)
+        self.children[pid] = index
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if signum != signal.SIGHUP:
+            self.stopping = True
+            self.sock.close()  # with every worker's copy closed too, new connections fail
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        """Start the workers and wait for them; the worst worker exit status."""
+        for signum in MAIN_SIGNALS:
+            signal.signal(signum, self.on_signal)
+        for index in range(self.config.workers):
+            self.spawn(index)
+        self.log.info("workers_started", workers=self.config.workers,
+                      port=self.sock.getsockname()[1], pid=os.getpid())
+        worst = 0
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            index = self.children.pop(pid, -1)
+            if index >= 0:
+                worst = max(worst, self.ended(index, pid, os.waitstatus_to_exitcode(status)))
+        return worst
+
+    def ended(self, index: int, pid: int, code: int) -> int:
+        """Account for a worker that ended; the exit status it stands for."""
+        if self.stopping:
+            return code if code >= 0 else 1
+        self.log.warning("worker_died", worker=index, pid=pid, exit_code=code)
+        self.restarts.append(time.monotonic())
+        if len(self.restarts) == self.restarts.maxlen and \
+                self.restarts[-1] - self.restarts[0] < 10:
+            self.log.error("workers_crashing", restarts=len(self.restarts))
+            self.on_signal(signal.SIGTERM, None)
+            return 1
+        self.spawn(index)
+        return 0
+
+
+def run_workers(config: Config, log: Logger | None = None,
+                environ: Mapping[str, str] | None = None) -> int:
+    """Run ``config.workers`` servers under a Supervisor; the worst worker exit status."""
     log = log or Logger(config.log_format, debug=config.log_debug, grace=config.shutdown_grace)
     try:
         sock = socket.create_server((config.host, config.port), backlog=1024)
@@ -5013,64 +5108,7 @@ def run_workers(config: Config, log: Logger | None = None) -> int:
         log.error("start_failed", error=f"{type(exc).__name__}: {exc}")
         log.close()
         return 2
-    children: dict[int, int] = {}
-    stopping = False
-    restarts: collections.deque[float] = collections.deque(maxlen=10)
-
-    def spawn(index: int) -> None:
-        # Signals wait until the child has dropped the parent's handler (which would
-        # otherwise run in the child, signal its siblings and leave it serving), and
-        # then until serve() has its own: a SIGTERM while a worker starts is drained.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
-                code = serve(config, sock=sock, worker=index)  # unblocks the signals
-            finally:
-                os._exit(code)
-        children[pid] = index
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        sock.close()  # with every worker's copy closed too, new connections are refused
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    for index in range(config.workers):
-        spawn(index)
-    log.info("workers_started", workers=config.workers, port=sock.getsockname()[1],
-             pid=os.getpid())
-    worst = 0
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        index = children.pop(pid, -1)
-        if index < 0:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            worst = max(worst, code if code >= 0 else 1)
-            continue
-        log.warning("worker_died", worker=index, pid=pid, exit_code=code)
-        restarts.append(time.monotonic())
-        if len(restarts) == restarts.maxlen and restarts[-1] - restarts[0] < 10:
-            log.error("workers_crashing", restarts=len(restarts))
-            on_signal(signal.SIGTERM, None)
-            worst = 1
-            continue
-        spawn(index)
+    worst = Supervisor(config, sock, log, environ).run()
     sock.close()
     log.info("workers_stopped", exit_code=worst)
     log.close()
@@ -5151,8 +5189,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("configuration OK")
         return 0
     if config.workers > 1:
-        return run_workers(config)
-    return serve(config)
+        return run_workers(config, environ=environ)
+    return serve(config, environ=environ)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,45 @@ def _env_of(config: smsp.Config) -> dict[str, str]:
         env.update({row.env: env_text(config.provider_settings[name][row.field])
                     for row in cls.settings})
     return {k: v for k, v in env.items() if v}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_rereads_the_client_keys_without_a_restart(tmp_path: Path, workers: str) -> None:
+    import http.client
+    import signal
+
+    from test_faults import smsp_process
+
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+
+    def status(port: int, key: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/email", json.dumps(_email()).encode(),
+                     {"X-API-KEY": key, "Content-Type": "application/json"})
+        answer = conn.getresponse().status
+        conn.close()
+        return answer
+
+    with smsp_process(SMSP_MOCK_EMAIL_SERVICE="true", SMSP_API_KEY="",
+                      SMSP_API_KEY_FILE=str(keys), SMSP_WORKERS=workers) as process:
+        if workers == "2":
+            assert len(process.wait_for("started", timeout=20)) >= 1
+            assert wait_until(lambda: len(process.events("started")) == 2)
+        assert status(process.port, "old-key") == 200
+        keys.write_text("new-key\n")
+        process.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: len(process.events("reloaded")) == int(workers))
+        for _ in range(4):  # whichever worker takes the connection
+            assert (status(process.port, "new-key"), status(process.port, "old-key")) == \
+                (200, 401)
+        keys.write_text(" , ")
+        process.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: len(process.events("reload_failed")) == int(workers))
+        assert status(process.port, "new-key") == 200
+        assert process.proc.poll() is None  # SIGHUP never stops it
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> bool:
+    from testkit import wait_for
+    return bool(wait_for(condition, timeout))
