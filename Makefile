@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: run test lint unit functional promtool promtool-install fuzz soak soak-ci bench docker \
-	image-test clean
+.PHONY: run test lint unit functional promtool promtool-install redis-install fuzz soak soak-ci \
+	bench docker image-test clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
-unit: $(STAMP) promtool-install
-	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py test_deploy.py \
+unit: $(STAMP) promtool-install redis-install
+	$(BIN)/python -m pytest -q test_smsp.py test_faults.py test_fakes.py test_deploy.py test_redis.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
 functional: $(STAMP)
@@ -36,6 +36,14 @@ functional: $(STAMP)
 # when missing. Without recommends: they would add prometheus-node-exporter.
 promtool-install:
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+
+# The idempotency-store tests run against a real redis-server (Debian's redis-server
+# package, 7.0+ for SET ... NX GET), installed only when missing; and against Valkey too
+# where the distribution has valkey-server (Debian 12 does not; the Valkey rows then skip).
+redis-install:
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y --no-install-recommends redis-server)
+	command -v valkey-server >/dev/null || ! apt-cache show valkey-server >/dev/null 2>&1 || \
+		apt-get install -y --no-install-recommends valkey-server
 
 # The alerting rules: syntax and PromQL, then their unit tests.
 promtool: promtool-install

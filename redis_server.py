@@ -1,8 +1,8 @@
 """A real redis-server (or valkey-server) for the tests: 127.0.0.1, a free port, a password.
 
     with RedisServer() as server:
-        server.url()                  # redis://:<password>@127.0.0.1:<port>/0
-        server.url(user=True)         # redis://smsp:<password>@127.0.0.1:<port>/0, an ACL user
+        server.url()                  # redis://smsp:<password>@127.0.0.1:<port>/0, an ACL user
+        server.url(user=False)        # redis://:<password>@127.0.0.1:<port>/0, the default user
         server.command("GET", "k")    # the test's own admin connection, not smsp's client
         server.freeze(); server.thaw()  # SIGSTOP / SIGCONT
         server.kill(); server.start()   # SIGKILL, then a new server on the same port
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, Self
 
 USER = "smsp"
+# What the user smsp may do: the commands smsp sends and its scripts call, on its own
+# keys.  deploy/redis.yaml gives smsp the same rules (test_redis.py holds them equal).
+ACL_RULES = "~smsp:idem:* resetchannels -@all +set +get +del +time +eval +evalsha +ping"
 BINARIES = ("redis-server", "valkey-server")
 
 
@@ -141,7 +144,9 @@ class RedisServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def url(self, *, user: bool = False, password: str | None = None, db: int = 0) -> str:
+    def url(self, *, user: bool = True, password: str | None = None, db: int = 0) -> str:
+        """The URL smsp is given: as the ACL user smsp (ACL_RULES), or as the default user
+        with the server's password alone (which may do anything)."""
         scheme = "rediss" if self.tls else "redis"
         name = USER if user else ""
         secret = password if password is not None else (
@@ -150,8 +155,7 @@ class RedisServer:
 
     def _config(self) -> str:
         lines = ["bind 127.0.0.1", "protected-mode yes", f"requirepass {self.password}",
-                 # the ACL user smsp may use: its own keys, and every command
-                 f"user {USER} on >{self.user_password} ~smsp:* +@all",
+                 f"user {USER} on >{self.user_password} {ACL_RULES}",
                  'save ""', f"dir {self.dir}", f"logfile {self.dir / 'server.log'}",
                  "daemonize no", f"appendonly {'yes' if self.appendonly else 'no'}",
                  "appendfsync always"]

@@ -27,7 +27,7 @@ import pytest
 import smsp
 from conftest import SERVER_KINDS, STORE_KINDS, shared_server
 from fakes import Delay, FakeMailgun, Hang
-from redis_server import RedisServer
+from redis_server import ACL_RULES, RedisServer, free_port
 from test_faults import Process, mailgun_env, smsp_process
 from testkit import (
     API_KEY,
@@ -286,7 +286,7 @@ def test_a_script_the_server_forgot_is_sent_again_with_eval(shared_redis: RedisS
 
 def test_an_acl_user_and_a_password_alone_both_authenticate_and_select_picks_the_database(
         shared_redis: RedisServer, watchdog: smsp.Watchdog) -> None:
-    for url in (shared_redis.url(user=True), shared_redis.url(db=3)):
+    for url in (shared_redis.url(), shared_redis.url(user=False, db=3)):
         store = redis_store(url, watchdog)
         assert store.check() is None and store.status() == {"kind": "redis", "state": "ok"}
         assert store.claim("k", url).claim is smsp.Claim.NEW
@@ -295,15 +295,16 @@ def test_an_acl_user_and_a_password_alone_both_authenticate_and_select_picks_the
     shared_redis.command("SELECT", 3)
     try:
         assert json.loads(shared_redis.command("GET", PREFIX + "k"))["fp"] == \
-            shared_redis.url(db=3)
+            shared_redis.url(user=False, db=3)
     finally:
         shared_redis.command("SELECT", 0)
+    assert redis_store(shared_redis.url(db=3), watchdog).check() == "SELECT failed"  # ACL
 
 
 def test_a_wrong_password_fails_every_operation_as_authentication_failed_and_is_counted(
         shared_redis: RedisServer, watchdog: smsp.Watchdog) -> None:
     metrics = smsp.Metrics()
-    for url in (shared_redis.url(password="wrong"), shared_redis.url(user=True, password="no")):
+    for url in (shared_redis.url(password="wrong"), shared_redis.url(user=False, password="no")):
         store = redis_store(url, watchdog, metrics=metrics)
         assert store.check() == "authentication failed"
         with pytest.raises(smsp.StoreError) as caught:
@@ -727,3 +728,62 @@ def test_a_holder_killed_while_its_provider_hangs_leaves_the_key_unknown_never_r
 def post_quietly(port: int, results: list[Any]) -> None:
     with contextlib.suppress(OSError, http.client.HTTPException):
         post(port, "order-1", results)
+
+
+# ============================================= the manifests' Redis, for real ===
+
+DEPLOY = Path(__file__).parent / "deploy"
+
+
+def manifest(name: str, kind: str) -> dict[str, Any]:
+    import yaml
+
+    documents = yaml.safe_load_all((DEPLOY / name).read_text())
+    return next(d for d in documents if d and d["kind"] == kind)
+
+
+def test_the_redis_of_deploy_runs_with_its_own_config_and_smsp_works_as_its_acl_user(
+        tmp_path: Path, watchdog: smsp.Watchdog) -> None:
+    """deploy/redis.yaml's config and start command, run here (paths and port moved
+    into a temporary directory), and kubernetes.yaml's SMSP_IDEMPOTENCY_URL against it."""
+    container = manifest("redis.yaml", "StatefulSet")["spec"]["template"]["spec"][
+        "containers"][0]
+    config = manifest("redis.yaml", "ConfigMap")["data"]["redis.conf"]
+    assert {"maxmemory-policy noeviction", "appendonly yes", "appendfsync everysec"} <= \
+        set(config.splitlines())
+    assert f"'{ACL_RULES}'" in container["args"][0]  # the rules this suite runs smsp with
+    port = free_port()
+    moved = {"/run/redis": str(tmp_path / "run"), "/etc/redis": str(tmp_path / "etc"),
+             "/data": str(tmp_path / "data"), "port 6379": f"port {port}",
+             "bind 0.0.0.0": "bind 127.0.0.1"}
+    for folder in ("run", "etc", "data"):
+        (tmp_path / folder).mkdir()
+    for old, new in moved.items():
+        config = config.replace(old, new)
+    (tmp_path / "etc" / "redis.conf").write_text(config)
+    script = container["args"][0]
+    for old, new in moved.items():
+        script = script.replace(old, new)
+    password = "0123abcd" * 4
+    proc = subprocess.Popen(["sh", "-c", script], env={"PATH": "/usr/bin:/bin",
+                                                       "REDIS_PASSWORD": password})
+    try:
+        env = {e["name"]: e.get("value") for e in manifest("kubernetes.yaml", "Deployment")[
+            "spec"]["template"]["spec"]["containers"][0]["env"]}
+        url = env["SMSP_IDEMPOTENCY_URL"].replace("$(REDIS_PASSWORD)", password) \
+            .replace("smsp-redis:6379", f"127.0.0.1:{port}")
+        store = redis_store(url, watchdog)
+        assert wait_for(lambda: store.check() is None)
+        token = store.claim("k", "f").token
+        assert store.dispatching("k", token, "mailgun")
+        new = store.takeover("k", token, "sendgrid")
+        assert new is not None
+        store.complete("k", new, ANSWER)
+        store.release("k", new)
+        assert store.claim("k", "f").claim is smsp.Claim.REPLAY
+        assert redis_store(url.replace("smsp:", "default:"), watchdog).check() == \
+            "authentication failed"  # the default user is off
+        assert (tmp_path / "data" / "appendonlydir").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(10)
