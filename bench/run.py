@@ -2,15 +2,16 @@
 
 Usage::
 
-    python bench/run.py            # full run: ~10 s per measurement, ~4 minutes in all
+    python bench/run.py            # full run: ~10 s per measurement, ~5 minutes in all
     python bench/run.py --quick    # smoke run: ~2 s per measurement
     python bench/run.py --duration 20 --repeat 3 --scenarios 1,4
 
-Needs ``wrk`` (``apt-get install wrk``) and, for scenario 2, the ``openssl``
-command; it installs nothing. All traffic stays on 127.0.0.1. It starts every
-server itself (smsp.py, bench/bare_server.py, bench/tls_fake_mailgun.py) on
-free ports, drives them with wrk and bench/post.lua (POST /email with a fixed
-JSON body, keep-alive), and always terminates them before it exits.
+Needs ``wrk`` (``apt-get install wrk``), for scenario 2 the ``openssl`` command
+and for scenario 5 ``redis-server``; it installs nothing. All traffic stays on
+127.0.0.1. It starts every server itself (smsp.py, bench/bare_server.py,
+bench/tls_fake_mailgun.py, redis-server) on free ports, drives them with wrk and
+bench/post.lua (POST /email with a fixed JSON body, keep-alive), and always
+terminates them before it exits.
 
 Scenarios (each measurement is preceded by a short warm-up run):
 
@@ -31,6 +32,10 @@ Scenarios (each measurement is preceded by a short warm-up run):
    peak RSS (VmHWM).
 4. SMSP_WORKERS=2 vs 1 in mock mode, wrk -c50 -t2: requests/s and CPU per
    10,000 requests over the process tree (parent + forked workers).
+5. Keyed sends in mock mode, wrk -c50 -t2, every request with an Idempotency-Key
+   of its own: the shared Redis store (a local redis-server started with the test
+   suite's redis_server.py; needs `apt-get install redis-server`) beside the
+   in-memory store, alternating, on the same run: requests/s and p50/p99.
 
 It prints the machine, the command and ONE markdown table with each value, its
 target and PASS/FAIL. It is a benchmark, not a test: it exits 0 whatever the
@@ -358,8 +363,12 @@ def run_wrk(
     duration_s: int,
     timeout_s: int,
     budget: int = 0,
+    key_prefix: str = "",
 ) -> WrkResult:
     """Run wrk with bench/post.lua; with budget > 0 stop once that many responses came back.
+
+    With a key_prefix every request carries an Idempotency-Key of its own (the prefix,
+    the thread and a counter), so each is a keyed send, never a replay.
 
     A budget is split over the threads; each thread stops itself (wrk.thread:stop()) and
     says so on stderr, and once all have, wrk is sent SIGINT so it reports at once instead
@@ -385,7 +394,7 @@ def run_wrk(
     watcher = threading.Thread(target=watch_listen_queue, daemon=True)
     watcher.start()
     try:
-        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget)
+        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget, key_prefix)
     finally:
         stop.set()
         watcher.join()
@@ -405,6 +414,7 @@ def _run_wrk(
     duration_s: int,
     timeout_s: int,
     budget: int,
+    key_prefix: str = "",
 ) -> WrkResult:
     per_thread = -(-budget // threads) if budget > 0 else 0
     cmd = [
@@ -419,8 +429,8 @@ def _run_wrk(
         str(POST_LUA),
         f"{url}/email",
     ]
-    if per_thread:
-        cmd += ["--", str(per_thread)]
+    if per_thread or key_prefix:
+        cmd += ["--", str(per_thread), key_prefix]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -492,12 +502,22 @@ class Measured:
         return self.cpu_s / self.wrk.requests * 10_000 if self.wrk.requests else float("nan")
 
 
-def measure(server: Server, cfg: Config, connections: int, threads: int) -> Measured:
-    """Warm up, then one wrk run with the server tree's CPU read around it."""
+def measure(
+    server: Server, cfg: Config, connections: int, threads: int, key_prefix: str = ""
+) -> Measured:
+    """Warm up, then one wrk run with the server tree's CPU read around it.
+
+    With a key_prefix the requests are keyed sends (warm-up and run use distinct keys).
+    """
     if cfg.warmup > 0:
-        run_wrk(server.url, connections, threads, cfg.warmup, cfg.timeout)
+        run_wrk(
+            server.url, connections, threads, cfg.warmup, cfg.timeout,
+            key_prefix=key_prefix and f"{key_prefix}-warm",
+        )
     before = tree_ticks(server.pid)
-    result = run_wrk(server.url, connections, threads, cfg.duration, cfg.timeout)
+    result = run_wrk(
+        server.url, connections, threads, cfg.duration, cfg.timeout, key_prefix=key_prefix
+    )
     after = tree_ticks(server.pid)
     m = Measured(result, cpu_delta_s(before, after))
     log(
@@ -872,17 +892,63 @@ def scenario_4(cfg: Config, rep: Report) -> None:
     rep.info(sc, "workers 2/1 requests/s", f"{ratio(runs[2].wrk.rps, runs[1].wrk.rps):.2f}x")
 
 
+def redis_helper() -> type:
+    """The test suite's redis-server launcher (redis_server.py at the repository root)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    sys.dont_write_bytecode = True  # leave no __pycache__ in the work tree
+    from redis_server import RedisServer  # repository-local module
+
+    return RedisServer
+
+
+def scenario_5(cfg: Config, rep: Report) -> None:
+    """A keyed send (a new Idempotency-Key each) with the Redis store vs the in-memory one."""
+    sc = "5 keyed sends"
+    log(f"scenario 5: keyed sends, Redis store vs in-memory ({cfg.repeat} round(s))")
+    with redis_helper()() as redis:
+        memory = cfg.smsp_server("smsp keyed (memory)", cfg.mock_env())
+        shared = cfg.smsp_server(
+            "smsp keyed (redis)", cfg.mock_env(SMSP_IDEMPOTENCY_URL=redis.url())
+        )
+        runs: dict[str, list[Measured]] = {"memory": [], "redis": []}
+        with running(memory), running(shared):
+            for n in range(cfg.repeat):
+                runs["memory"].append(measure(memory, cfg, 50, 2, key_prefix=f"m{n}"))
+                runs["redis"].append(measure(shared, cfg, 50, 2, key_prefix=f"r{n}"))
+        keys = redis.command("DBSIZE")
+    note = f" (median of {cfg.repeat})" if cfg.repeat > 1 else ""
+    rps: dict[str, float] = {}
+    for label, measured in runs.items():
+        rps[label] = statistics.median(m.wrk.rps for m in measured)
+        p50 = statistics.median(m.wrk.p50_ms for m in measured)
+        p99 = statistics.median(m.wrk.p99_ms for m in measured)
+        rep.info(
+            sc,
+            f"{label} store: requests/s, p50 / p99{note}",
+            f"{rps[label]:,.0f}, {p50:.2f} ms / {p99:.2f} ms",
+        )
+        errors = sum(m.wrk.errors for m in measured)
+        rep.check(sc, f"{label} store errors", str(errors), "0", errors == 0)
+    rep.info(sc, "redis/memory requests/s", f"{ratio(rps['redis'], rps['memory']):.2f}x")
+    rep.info(sc, "keys left in Redis (one per keyed send)", f"{keys:,}")
+
+
 SCENARIOS: dict[str, Callable[[Config, Report], None]] = {
     "1": scenario_1,
     "2": scenario_2,
     "3": scenario_3,
     "4": scenario_4,
+    "5": scenario_5,
 }
 SCENARIO_NAMES = {
     "1": "1 mock vs bare",
     "2": "2 TLS pool",
     "3": "3 memory/1000 conns",
     "4": "4 workers",
+    "5": "5 keyed sends",
 }
 
 
@@ -981,7 +1047,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="rounds of scenario 1, bare and smsp alternating, medians (default 3, --quick 1)",
     )
-    p.add_argument("--scenarios", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    p.add_argument(
+        "--scenarios", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5"
+    )
     p.add_argument("--smsp", type=Path, default=REPO_DIR / "smsp.py", help="path to smsp.py")
     p.add_argument("--python", default=sys.executable, help="interpreter for the servers")
     args = p.parse_args(argv)
