@@ -2288,7 +2288,8 @@ class MemoryIdempotencyStore(IdempotencyStore):
 # ----------------------------------------- shared idempotency store (Redis) ---
 
 REDIS_POOL_SIZE = 8  # idle connections kept; more may be open at a busy moment, then closed
-MAX_STORE_REPLY = 1 << 20  # bytes of one reply we are willing to read
+MAX_STORE_REPLY = 1 << 20  # bytes of one bulk reply we are willing to read
+MAX_STORE_LINE = 1 << 16  # bytes of one reply line (a status, an error) we are willing to read
 _REPLY_REASONS = {"WRONGPASS": "authentication failed", "NOAUTH": "authentication required",
                   "NOPERM": "permission denied", "READONLY": "read-only replica",
                   "OOM": "out of memory", "LOADING": "loading its data", "BUSY": "busy"}
@@ -2364,7 +2365,7 @@ class _RedisConnection:
                 line = bytes(self._buffer[:end])
                 del self._buffer[:end + 2]
                 return line
-            if len(self._buffer) > 64:  # a type byte and a number, or a short status
+            if len(self._buffer) > MAX_STORE_LINE:
                 raise ValueError("reply line too long")
             self._fill()
 
@@ -2660,8 +2661,8 @@ class RedisIdempotencyStore(IdempotencyStore):
         try:
             record = Record.from_json(json.loads(held))
             seconds = int(now[0]) + int(now[1]) / 1e6
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise StoreError("malformed record") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise StoreError("malformed record") from None  # not written by smsp
         return claim_found(record, fingerprint, seconds)
 
     def _script(self, script: RedisScript, key: str, *args: str | int) -> Any:

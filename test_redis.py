@@ -15,6 +15,7 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -86,6 +87,18 @@ def watchdog() -> Iterator[smsp.Watchdog]:
     dog = smsp.Watchdog()
     yield dog
     dog.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A server of this test's own, to freeze or kill."""
+    with RedisServer() as server:
+        yield server
+
+
+def keyed(server: Running, key: str, **headers: str
+          ) -> tuple[int, dict[str, str], dict[str, Any]]:
+    return server.send(Idempotency_Key=key, **headers)
 
 
 # ================================================= one state machine, two stores ===
@@ -338,6 +351,51 @@ def test_every_store_operation_is_counted_and_timed(shared_redis: RedisServer,
     assert 'result="error"' not in text
 
 
+def test_a_record_smsp_did_not_write_or_a_key_of_another_type_fails_the_claim_by_name(
+        shared_redis: RedisServer, watchdog: smsp.Watchdog) -> None:
+    store = redis_store(shared_redis.url(user=False), watchdog)
+    shared_redis.command("SET", PREFIX + "junk", "not json")
+    shared_redis.command("HSET", PREFIX + "hash", "field", "value")
+    for key, reason in (("junk", "malformed record"), ("hash", "server error WRONGTYPE")):
+        with pytest.raises(smsp.StoreError) as caught:
+            store.claim(key, "f")
+        assert caught.value.reason == reason
+    assert store.claim("fine", "f").claim is smsp.Claim.NEW  # the connection is still in sync
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "malformed answer"),
+    (b"", "closed without an answer"),
+])
+def test_a_peer_that_does_not_speak_resp_fails_by_name(answer: bytes, reason: str,
+                                                       watchdog: smsp.Watchdog) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def peer() -> None:  # reads the command, answers ``answer`` and closes
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=peer, daemon=True)
+        thread.start()
+        store = redis_store(f"redis://127.0.0.1:{listener.getsockname()[1]}", watchdog)
+        assert store.check() == reason
+        thread.join(5)
+
+
+def test_a_full_store_refuses_writes_and_keyed_requests_get_503_not_sent(
+        own_redis: RedisServer, mailgun: FakeMailgun) -> None:
+    with running(mailgun_config(mailgun, idempotency_url=own_redis.url())) as server:
+        own_redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        own_redis.command("CONFIG", "SET", "maxmemory", "1")  # less than it uses already
+        status, _, body = keyed(server, "order-1")
+        assert (status, body["delivery"], mailgun.hits) == (503, "not_sent", 0)
+        [failed] = server.lines.events("idempotency_store_failed", 1)
+        assert failed["reason"] == "out of memory"
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+        assert keyed(server, "order-1")[0] == 200
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     if shutil.which("openssl") is None:
@@ -393,13 +451,6 @@ def test_check_config_masks_the_store_password_and_keeps_the_rest(
 # ========================================= faults: a frozen, killed, lost server ===
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A server of this test's own, to freeze or kill."""
-    with RedisServer() as server:
-        yield server
-
-
 def test_a_frozen_server_bounds_each_call_by_the_timeout_and_its_connection_is_dropped(
         own_redis: RedisServer, watchdog: smsp.Watchdog) -> None:
     store = redis_store(own_redis.url(), watchdog, timeout=0.3)
@@ -438,11 +489,6 @@ def test_a_killed_server_fails_calls_as_refused_until_it_is_back_and_health_reco
     assert store.status() == {"kind": "redis", "state": "error", "error": "connect refused"}
     wait_for(lambda: store.status()["state"] == "ok")  # a background probe, no request
     assert store.claim("b", "f").claim is smsp.Claim.NEW
-
-
-def keyed(server: Running, key: str, **headers: str
-          ) -> tuple[int, dict[str, str], dict[str, Any]]:
-    return server.send(Idempotency_Key=key, **headers)
 
 
 def test_while_the_store_is_frozen_a_keyed_request_gets_503_not_sent_and_others_are_sent(
@@ -504,6 +550,41 @@ def test_a_dispatch_mark_that_times_out_sends_nothing_and_a_late_mark_never_dupl
         # a second send.
         assert (retry, mailgun.hits) in ((200, 1), (409, 0))
         assert len(mailgun.accepted) <= 1
+
+
+def test_fail_open_at_the_dispatch_mark_sends_with_a_warning(
+        own_redis: RedisServer, mailgun: FakeMailgun) -> None:
+    with running(mailgun_config(mailgun, idempotency_on_error="open")) as server:
+        store = redis_store(own_redis.url(), server.service.watchdog, timeout=0.3,
+                            cls=FreezesAtTheMark)
+        store.server = own_redis
+        server.service.app.idempotency = store
+        try:
+            status, _, body = keyed(server, "order-1")
+        finally:
+            own_redis.thaw()
+        assert (status, body["status"], len(mailgun.accepted)) == (200, "sent", 1)
+        [bypassed] = server.lines.events("idempotency_store_bypassed", 1)
+        assert (bypassed["phase"], bypassed["reason"]) == ("dispatch", "timed out")
+
+
+def test_a_key_whose_holder_went_silent_after_dispatch_is_answered_unknown_not_sent(
+        shared_redis: RedisServer, mailgun: FakeMailgun) -> None:
+    config = mailgun_config(mailgun, idempotency_url=shared_redis.url())
+    with running(config) as server:
+        holder = redis_store(shared_redis.url(), server.service.watchdog, liveness=0.2)
+        scope = hashlib.sha256(API_KEY.encode()).digest()
+        key = hashlib.sha256(scope + b"\0" + b"order-1").hexdigest()
+        token = holder.claim(key, smsp.fingerprint(EMAIL)).token
+        assert holder.dispatching(key, token, "sendgrid")  # and then it died
+        live_until = stored(shared_redis, key).live_until
+        assert live_until is not None
+        wait_for(lambda: server_time(shared_redis) >= live_until)
+        status, _, body = keyed(server, "order-1")
+        assert (status, body["delivery"]) == (502, "unknown")
+        assert "stopped after sendgrid may have been given the message" in body["message"]
+        assert access_reason(server.lines.events, body["request_id"]) == "holder_lost"
+        assert mailgun.hits == 0
 
 
 class LateToDispatch(smsp.RedisIdempotencyStore):
