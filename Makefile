@@ -7,8 +7,8 @@ PORT ?= 8080
 HOST ?= 127.0.0.1
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit functional promtool promtool-install fuzz soak soak-ci bench docker \
-	image-test clean
+.PHONY: help run test lint unit functional promtool promtool-install redis-install fuzz soak \
+	soak-ci bench docker image-test clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ lint: $(STAMP) ## ruff, mypy --strict and the deploy files
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
-unit: $(STAMP) promtool-install ## the unit, fault and provider suites with coverage
+unit: $(STAMP) promtool-install redis-install ## the unit, fault and provider suites with coverage
 	$(BIN)/python -m pytest -q test_*.py \
 		--cov=smsp --cov-report=term-missing:skip-covered --cov-fail-under=90
 
@@ -41,6 +41,14 @@ functional: $(STAMP) ## the black-box suite against a live smsp, HTTP and HTTPS
 # when missing. Without recommends: they would add prometheus-node-exporter.
 promtool-install:
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+
+# The idempotency-store tests run against a real redis-server (Debian's redis-server
+# package, 7.0+ for SET ... NX GET), installed only when missing; and against Valkey too
+# where the distribution has valkey-server (Debian 12 does not; the Valkey rows then skip).
+redis-install:
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y --no-install-recommends redis-server)
+	command -v valkey-server >/dev/null || ! apt-cache show valkey-server >/dev/null 2>&1 || \
+		apt-get install -y --no-install-recommends valkey-server
 
 # The alerting rules: syntax and PromQL, then their unit tests.
 promtool: promtool-install ## check and unit-test the alerting rules

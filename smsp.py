@@ -21,7 +21,10 @@ How the module reads, top to bottom (each section uses only what sits above):
 constants; errors and outcomes; threads and deadlines (the watchdog: deadlines
 without per-read syscalls); addresses; configuration; logging; messages and
 validation; metrics; the HTTP client (a connection pool); providers (Mailgun,
-SendGrid, SMTP, mock); the circuit breaker; the dispatcher (failover); idempotency;
+SendGrid, SES, Postmark, Resend, SMTP, mock); the circuit breaker; the dispatcher
+(failover); idempotency (the store interface and the in-memory store); the shared
+idempotency store (a small RESP2 client and the Redis or Valkey store every replica
+shares);
 HTTP messages (the lean parser); the HTTP application (routes and responses,
 no sockets); the HTTP handler and server; and finally workers and ``main()``.
 
@@ -109,6 +112,7 @@ _UUID_RANDOM_BITS = ~(0xF << 76 | 0b11 << 62) & (1 << 128) - 1
 POLL_SUBJECT = "poll"
 POLL_BODY = "poll"
 IDEMPOTENCY_MARGIN = 5.0  # seconds a key's lease outlives the longest send it covers
+IDEMPOTENCY_LEASE = 5.0  # seconds a shared-store claim holds a key before its first send
 
 # --------------------------------------------------------- errors, outcomes ---
 
@@ -538,6 +542,51 @@ def body_bytes_for(attachment_bytes: int) -> int:
     return base64_size(attachment_bytes) + BODY_HEADROOM
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreAddress:
+    """Where the shared idempotency store listens (SMSP_IDEMPOTENCY_URL, parsed).
+
+    An empty ``username`` with a ``password`` is a password-only AUTH.  The
+    password is left out of ``repr`` and masked by ``shown``.
+    """
+
+    tls: bool
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+
+    def shown(self) -> str:
+        """The URL with the password masked, as --check-config prints it."""
+        auth = f"{urllib.parse.quote(self.username, safe='')}:****@" if self.password else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+
+
+def _parse_store_url(text: str) -> StoreAddress:
+    # No message may quote the URL: it holds the password.
+    url = urllib.parse.urlsplit(text.strip())
+    if url.scheme not in ("redis", "rediss") or not url.hostname:
+        raise ValueError("must be a redis:// or rediss:// URL with a host")
+    if url.query or url.fragment:
+        raise ValueError("must not have a query or a fragment")
+    try:
+        port = url.port or 6379
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    db = url.path[1:] if url.path.startswith("/") else url.path
+    if db and not (db.isascii() and db.isdigit() and len(db) <= 5):
+        raise ValueError("must name the database as a number, like /0")
+    username = urllib.parse.unquote(url.username or "")
+    password = urllib.parse.unquote(url.password or "")
+    if username and not password:
+        raise ValueError("names a user without a password (a password alone is "
+                         "redis://:password@host)")
+    return StoreAddress(url.scheme == "rediss", url.hostname, port, int(db or 0), username,
+                        password)
+
+
 def _parse_poll_address(text: str) -> Address:
     try:
         return parse_address("SMSP_POLL_MESSAGE_ADDRESS", text.strip())
@@ -550,7 +599,8 @@ class Setting:
     """One environment variable: its parser, its default (the only one) and its help.
 
     ``required`` means it must be set (for a provider's row: when that
-    provider is in use).  ``secret`` values are masked wherever shown.
+    provider is in use).  ``secret`` values are masked wherever shown;
+    ``show`` gives a value its own shown form (a URL with its password masked).
     ``follows``, when given, makes the value of an unset row follow from the
     rows above it (``default`` is then what it is with their defaults).
     """
@@ -563,9 +613,12 @@ class Setting:
     secret: bool = False
     required: bool = False
     follows: Callable[[Mapping[str, Any]], Any] | None = None
+    show: Callable[[Any], str] | None = None
 
     def shown(self, value: Any) -> str:
         """The value as --check-config and --help print it."""
+        if self.show is not None and value:
+            return self.show(value)
         if self.secret and value:
             return ",".join("****" for _ in value) if isinstance(value, tuple) else "****"
         if isinstance(value, urllib.parse.SplitResult):
@@ -622,7 +675,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SMSP_IDEMPOTENCY_TTL", "idempotency_ttl", _number(float, 0, above=True), 86400.0,
             "seconds an Idempotency-Key response is kept"),
     Setting("SMSP_IDEMPOTENCY_MAX", "idempotency_max", _number(int, 1), 10000,
-            "Idempotency-Key responses kept (least recently used evicted)"),
+            "Idempotency-Key responses kept in memory (least recently used evicted)"),
+    Setting("SMSP_IDEMPOTENCY_URL", "idempotency_url", _parse_store_url, None,
+            "redis[s]://[user[:password]@]host[:port][/db]: one Idempotency-Key store shared "
+            "by every replica and worker (Redis 7.0+ or Valkey 7.2+; unset: per process)",
+            secret=True, show=StoreAddress.shown),
+    Setting("SMSP_IDEMPOTENCY_TIMEOUT", "idempotency_timeout", _number(float, 0, 60, above=True),
+            0.5, "seconds for one shared-store command; a new connection's connect, TLS, AUTH "
+                 "and SELECT share one such bound"),
+    Setting("SMSP_IDEMPOTENCY_CA", "idempotency_ca", _parse_text, "",
+            "PEM CA bundle a rediss:// store is verified against (unset: the system CAs)"),
+    Setting("SMSP_IDEMPOTENCY_ON_ERROR", "idempotency_on_error", _choice("closed", "open"),
+            "closed", "closed: a keyed request gets 503 while the shared store fails; open: it "
+                      "is sent without deduplication, with a warning logged"),
     Setting("SMSP_TLS_CERT", "tls_cert", _parse_text, "", "PEM certificate: serve HTTPS only"),
     Setting("SMSP_TLS_KEY", "tls_key", _parse_text, "", "PEM private key for SMSP_TLS_CERT"),
     Setting("SMSP_POOL_SIZE", "pool_size", _number(int, 0), 16,
@@ -699,6 +764,10 @@ class Config:
     shutdown_grace: float
     idempotency_ttl: float
     idempotency_max: int
+    idempotency_url: StoreAddress | None
+    idempotency_timeout: float
+    idempotency_ca: str
+    idempotency_on_error: str
     tls_cert: str
     tls_key: str
     pool_size: int
@@ -726,12 +795,20 @@ class Config:
             problems.append("SMSP_POLL_INTERVAL_MAX must be at least SMSP_POLL_INTERVAL")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("SMSP_TLS_CERT and SMSP_TLS_KEY must be set together")
-        for env, path in (("SMSP_TLS_CERT", self.tls_cert), ("SMSP_TLS_KEY", self.tls_key)):
+        for env, path in (("SMSP_TLS_CERT", self.tls_cert), ("SMSP_TLS_KEY", self.tls_key),
+                          ("SMSP_IDEMPOTENCY_CA", self.idempotency_ca)):
             if path and not os.path.isfile(path):
                 problems.append(f"{env} is not a readable file: {path}")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             problems.append("SMSP_MAX_INFLIGHT_BODY_BYTES must be at least SMSP_MAX_BODY_BYTES, "
                             "or the largest bodies could never be taken")
+        if self.idempotency_ca and not (self.idempotency_url and self.idempotency_url.tls):
+            problems.append("SMSP_IDEMPOTENCY_CA needs a rediss:// SMSP_IDEMPOTENCY_URL")
+        elif self.idempotency_ca and os.path.isfile(self.idempotency_ca):
+            try:
+                ssl.create_default_context(cafile=self.idempotency_ca)
+            except (OSError, ssl.SSLError):
+                problems.append("SMSP_IDEMPOTENCY_CA holds no usable PEM certificate")
         return problems
 
 
@@ -1633,6 +1710,17 @@ def transport_reason(exc: BaseException) -> str:
     return "connection failed" if isinstance(exc, OSError) else "malformed answer"
 
 
+def idle_socket_open(sock: socket.socket | None) -> bool:
+    """Whether an idle pooled connection is still fit for a request, checked without blocking."""
+    if sock is None:
+        return False
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False  # unread bytes from a finished exchange: not a clean state
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)  # readable on an idle connection means EOF or junk
+
+
 class HTTPClient:
     """POSTs to one provider over a small pool of persistent connections.
 
@@ -1668,24 +1756,13 @@ class HTTPClient:
                 if not self._idle:
                     break
                 conn, since = self._idle.pop()
-            if now - since <= self._idle_limit and self._still_open(conn):
+            if now - since <= self._idle_limit and idle_socket_open(conn.sock):
                 return conn
             conn.close()
         self.connections_made += 1
         if self._https:
             return http.client.HTTPSConnection(self._host, self._port, context=self._context)
         return http.client.HTTPConnection(self._host, self._port)
-
-    @staticmethod
-    def _still_open(conn: http.client.HTTPConnection) -> bool:
-        sock = conn.sock
-        if sock is None:
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return False  # unread bytes from a finished exchange: not a clean state
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return not poller.poll(0)  # readable on an idle connection means EOF or junk
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         now = self._clock()
@@ -3439,21 +3516,92 @@ class ClaimResult:
 
 
 class StoreError(SmspError):
-    """The idempotency store failed or did not answer in time; nothing was decided."""
+    """The idempotency store failed or did not answer in time.
+
+    ``reason`` is a short classification that is safe on anonymous pages
+    ("timed out", "authentication failed"), never the server's text.  A command
+    that timed out may still take effect later: a frozen server runs what it
+    had buffered when it wakes.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RecordState(enum.Enum):
+    """Where a key's record is in its life (the shared store writes these strings)."""
+
+    CLAIMED = "claimed"  # taken, nothing sent: its short lease may simply expire
+    DISPATCHING = "dispatching"  # a provider may have the message: the holder must stay live
+    DONE = "done"  # the final answer is stored
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One key's record as every store keeps it: plain data with a JSON form.
+
+    ``live_until`` (while dispatching) is the holder's liveness deadline in
+    seconds on the store's own clock.  The message body is never part of it.
+    In JSON the answer is held as JSON text, so that a store-side script can
+    rewrite the record without re-encoding the answer.
+    """
+
+    token: str
+    state: RecordState
+    fingerprint: str
+    provider: str | None = None
+    live_until: float | None = None
+    answer: StoredAnswer | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"v": 1, "owner": self.token, "state": self.state.value,
+                                    "fp": self.fingerprint}
+        if self.provider is not None:
+            document["provider"] = self.provider
+        if self.live_until is not None:
+            document["live_until"] = round(self.live_until * 1000)  # milliseconds
+        if self.answer is not None:
+            document["answer"] = json.dumps(self.answer.to_json(), separators=(",", ":"))
+        return document
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> "Record":
+        live_until = document.get("live_until")
+        answer = document.get("answer")
+        return cls(str(document["owner"]), RecordState(document["state"]), str(document["fp"]),
+                   document.get("provider"), None if live_until is None else live_until / 1000,
+                   None if answer is None else StoredAnswer.from_json(json.loads(answer)))
+
+
+def claim_found(record: Record, fingerprint: str, now: float) -> ClaimResult:
+    """What a claim answers when ``record`` already holds the key and the store's
+    clock reads ``now`` (shared by every store, so that they decide alike)."""
+    if record.fingerprint != fingerprint:
+        claim = Claim.MISMATCH
+    elif record.state is RecordState.DONE and record.answer is not None:
+        claim = Claim.REPLAY
+    elif record.state is RecordState.DISPATCHING and record.live_until is not None \
+            and record.live_until <= now:
+        claim = Claim.HOLDER_LOST
+    else:
+        claim = Claim.IN_FLIGHT
+    return ClaimResult(claim, record.token, record.answer, record.provider)
 
 
 class IdempotencyStore:
     """Answers by key, so that a retried request is replayed instead of sent again.
 
     ``key`` is a hex digest of the client's scope and its Idempotency-Key.
-    The life of a key: ``claim`` (a short lease; nothing has been sent), then
-    ``dispatching(provider)`` just before a provider may see the message
-    (the holder must be alive again by ``liveness`` seconds; pushed forward
-    before each failover), then ``complete`` with the answer, or ``release``
-    when nothing was sent.  Every call but ``claim`` is owner-checked with the
-    token ``claim`` returned.  ``takeover`` hands a HOLDER_LOST or stored key
-    to a new owner atomically.  Implementations raise StoreError when they
-    cannot answer; all are thread-safe.
+    The life of a key (a Record): ``claim`` (CLAIMED, a short lease; nothing
+    has been sent), then ``dispatching(provider)`` just before a provider may
+    see the message (DISPATCHING: the holder must be alive again by
+    ``liveness`` seconds; pushed forward before each failover), then
+    ``complete`` with the answer (DONE), or ``release`` when nothing was sent.
+    Every call but ``claim`` is owner-checked with the token ``claim``
+    returned.  ``takeover`` hands a HOLDER_LOST or stored key to a new owner
+    atomically.  Implementations raise StoreError when they cannot answer;
+    all are thread-safe.
     """
 
     def claim(self, key: str, fingerprint: str) -> ClaimResult:
@@ -3479,19 +3627,18 @@ class IdempotencyStore:
         """The store's last known state, for /healthcheck; never waits on the store."""
         return {"kind": "memory", "state": "ok"}
 
+    def check(self) -> str | None:
+        """Ask the store now (this may wait up to its timeout): why it failed, or None."""
+        return None
+
     def close(self) -> None:
         """Release connections; called at shutdown."""
 
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
-    fingerprint: str
-    token: str
+    record: Record
     expires: float  # the record's end
-    live_until: float = math.inf  # while dispatching: the holder's liveness deadline
-    provider: str | None = None
-    dispatching: bool = False
-    answer: StoredAnswer | None = None
 
 
 class MemoryIdempotencyStore(IdempotencyStore):
@@ -3522,33 +3669,33 @@ class MemoryIdempotencyStore(IdempotencyStore):
                 entry = None
             if entry is None:
                 token = os.urandom(16).hex()
-                self._entries[key] = _Entry(fingerprint, token, now + self._lease)
+                record = Record(token, RecordState.CLAIMED, fingerprint)
+                self._entries[key] = _Entry(record, now + self._lease)
                 self._evict()
                 return ClaimResult(Claim.NEW, token)
             self._entries.move_to_end(key)
-            return ClaimResult(_found(entry, fingerprint, now), entry.token, entry.answer,
-                               entry.provider)
+            return claim_found(entry.record, fingerprint, now)
 
     def dispatching(self, key: str, token: str, provider: str) -> bool:
         with self._lock:
             entry = self._owned(key, token)
-            if entry is None or entry.answer is not None:
+            if entry is None or entry.record.state is RecordState.DONE:
                 return False
-            self._dispatch(entry, provider)
+            self._dispatch(entry, token, provider)
             return True
 
     def complete(self, key: str, token: str, answer: StoredAnswer) -> None:
         with self._lock:
             entry = self._owned(key, token)
             if entry is not None:
-                entry.answer = answer
-                entry.dispatching = False
+                entry.record = dataclasses.replace(entry.record, state=RecordState.DONE,
+                                                   live_until=None, answer=answer)
                 entry.expires = self._clock() + self._ttl
 
     def release(self, key: str, token: str) -> None:
         with self._lock:
             entry = self._owned(key, token)
-            if entry is not None and entry.answer is None:
+            if entry is not None and entry.record.state is not RecordState.DONE:
                 del self._entries[key]
 
     def takeover(self, key: str, seen: str, provider: str) -> str | None:
@@ -3556,39 +3703,445 @@ class MemoryIdempotencyStore(IdempotencyStore):
             entry = self._owned(key, seen)
             if entry is None:
                 return None
-            entry.token = os.urandom(16).hex()
-            entry.answer = None
-            self._dispatch(entry, provider)
-            return entry.token
+            token = os.urandom(16).hex()
+            self._dispatch(entry, token, provider)
+            return token
 
-    def _dispatch(self, entry: _Entry, provider: str) -> None:
+    def _dispatch(self, entry: _Entry, token: str, provider: str) -> None:
         now = self._clock()
-        entry.dispatching = True
-        entry.provider = provider
+        entry.record = Record(token, RecordState.DISPATCHING, entry.record.fingerprint,
+                              provider, now + self._liveness)
         entry.expires = now + self._ttl
-        entry.live_until = now + self._liveness
 
     def _owned(self, key: str, token: str) -> _Entry | None:
         entry = self._entries.get(key)
-        return entry if entry is not None and entry.token == token else None
+        return entry if entry is not None and entry.record.token == token else None
 
     def _evict(self) -> None:
         while len(self._entries) > self._max:
-            victim = next((k for k, e in self._entries.items() if e.answer is not None), None)
+            victim = next((k for k, e in self._entries.items()
+                           if e.record.state is RecordState.DONE), None)
             if victim is None:
                 return  # every entry is in flight; they are bounded by the connection limit
             del self._entries[victim]
 
 
-def _found(entry: _Entry, fingerprint: str, now: float) -> Claim:
-    """What a claim finds in an existing record (shared by every store)."""
-    if entry.fingerprint != fingerprint:
-        return Claim.MISMATCH
-    if entry.answer is not None:
-        return Claim.REPLAY
-    if entry.dispatching and entry.live_until <= now:
-        return Claim.HOLDER_LOST
-    return Claim.IN_FLIGHT
+# ----------------------------------------- shared idempotency store (Redis) ---
+
+REDIS_POOL_SIZE = 8  # idle connections kept; more may be open at a busy moment, then closed
+MAX_STORE_REPLY = 1 << 20  # bytes of one bulk reply we are willing to read
+MAX_STORE_LINE = 1 << 16  # bytes of one reply line (a status, an error) we are willing to read
+_REPLY_REASONS = {"WRONGPASS": "authentication failed", "NOAUTH": "authentication required",
+                  "NOPERM": "permission denied", "READONLY": "read-only replica",
+                  "OOM": "out of memory", "LOADING": "loading its data", "BUSY": "busy"}
+
+
+class RedisReplyError(StoreError):
+    """The server answered a command with an error reply.  ``code`` is its first
+    word (NOSCRIPT, WRONGPASS, READONLY...), the only part of its text kept."""
+
+    def __init__(self, text: bytes) -> None:
+        word = text.split(b" ", 1)[0].decode("ascii", "replace")
+        self.code = word if word.isascii() and word.isalpha() and word.isupper() else "ERR"
+        super().__init__(_REPLY_REASONS.get(self.code, f"server error {self.code}"))
+
+
+def resp_command(*args: str | bytes | int) -> bytes:
+    """One command as RESP2 writes it: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _RedisConnection:
+    """One socket to the server and the bytes read past the last reply.
+
+    Used by one thread at a time; ``sock`` is None once closed (or before the
+    connect), which is also what a Deadline reads to shut it.
+    """
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self._buffer = bytearray()
+
+    def exchange(self, payload: bytes, count: int) -> list[Any]:
+        """Write ``payload`` and read ``count`` replies; an error reply is returned
+        as a RedisReplyError in its place.  EOFError when the server closed."""
+        assert self.sock is not None
+        if payload:
+            self.sock.sendall(payload)
+        return [self._reply(0) for _ in range(count)]
+
+    def fit_for_reuse(self) -> bool:
+        return not self._buffer and idle_socket_open(self.sock)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+    def _reply(self, depth: int) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode("utf-8", "replace")
+        if kind == b"-":
+            return RedisReplyError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$" and int(rest) <= MAX_STORE_REPLY:
+            size = int(rest)
+            return None if size < 0 else self._exact(size + 2)[:-2]
+        if kind == b"*" and depth < 2:  # smsp's commands answer one level at most
+            size = int(rest)
+            return None if size < 0 else [self._reply(depth + 1) for _ in range(size)]
+        raise ValueError("malformed reply")
+
+    def _line(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[:end + 2]
+                return line
+            if len(self._buffer) > MAX_STORE_LINE:
+                raise ValueError("reply line too long")
+            self._fill()
+
+    def _exact(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._fill()
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("closed by the server")
+        self._buffer += chunk
+
+
+class RedisScript:
+    """A Lua script and the SHA-1 that EVALSHA names it by."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+class RedisClient:
+    """RESP2 commands to one Redis or Valkey server over a few pooled connections.
+
+    Thread-safe.  ``execute(*commands)`` writes the commands in one send and
+    reads their replies, an error reply as a RedisReplyError in its place;
+    ``call`` sends one and raises its error reply; ``script`` runs a Lua
+    script by EVALSHA, and by EVAL when the server does not know it
+    (NOSCRIPT).  Each exchange is bounded by ``timeout`` through the watchdog,
+    and so is a new connection's connect, TLS handshake, AUTH and SELECT,
+    together.  A transport failure raises StoreError with a short reason and
+    drops the connection, which is never reused; nothing is retried.
+    """
+
+    def __init__(self, address: StoreAddress, *, watchdog: Watchdog, timeout: float,
+                 ssl_context: ssl.SSLContext | None = None, pool_size: int = REDIS_POOL_SIZE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._address = address
+        self._watchdog = watchdog
+        self._timeout = timeout
+        self._context = (ssl_context or ssl.create_default_context()) if address.tls else None
+        self._size = pool_size
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle: list[_RedisConnection] = []
+        self.connections_made = 0  # for tests
+
+    def execute(self, *commands: tuple[str | bytes | int, ...]) -> list[Any]:
+        conn = self._acquire()
+        payload = b"".join(resp_command(*command) for command in commands)
+        replies = self._exchange(conn, payload, len(commands), self._clock() + self._timeout)
+        self._release(conn)
+        return replies
+
+    def call(self, *args: str | bytes | int) -> Any:
+        [reply] = self.execute(args)
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    def script(self, script: RedisScript, keys: tuple[str, ...],
+               args: tuple[str | bytes | int, ...]) -> Any:
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RedisReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        return self.call("EVAL", script.source, len(keys), *keys, *args)  # loads it too
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _acquire(self) -> _RedisConnection:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if conn.fit_for_reuse():
+                return conn
+            conn.close()  # the server closed it (a restart, its idle timeout)
+        return self._connect()
+
+    def _release(self, conn: _RedisConnection) -> None:
+        if conn.sock is None:
+            return
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _handshake(self) -> list[tuple[str | bytes | int, ...]]:
+        address = self._address
+        commands: list[tuple[str | bytes | int, ...]] = []
+        if address.password:
+            commands.append(("AUTH", address.username, address.password) if address.username
+                            else ("AUTH", address.password))
+        if address.db:
+            commands.append(("SELECT", address.db))
+        return commands
+
+    def _connect(self) -> _RedisConnection:
+        """A new connection, authenticated and on its database, within one timeout."""
+        conn = _RedisConnection()
+        handshake = self._handshake()
+        payload = b"".join(resp_command(*command) for command in handshake)
+        replies = self._exchange(conn, payload, len(handshake), self._clock() + self._timeout)
+        for command, reply in zip(handshake, replies):
+            if isinstance(reply, RedisReplyError):
+                conn.close()
+                raise StoreError("authentication failed" if command[0] == "AUTH"
+                                 else "SELECT failed")
+        self.connections_made += 1
+        return conn
+
+    def _open(self, conn: _RedisConnection, remaining: float) -> None:
+        address = self._address
+        sock = socket.create_connection((address.host, address.port), timeout=remaining)
+        conn.sock = sock  # from here the deadline can shut it, the TLS handshake included
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._context is not None:
+            conn.sock = self._context.wrap_socket(sock, server_hostname=address.host)
+
+    def _exchange(self, conn: _RedisConnection, payload: bytes, count: int,
+                  deadline: float) -> list[Any]:
+        attempt = Deadline(deadline, conn)
+        self._watchdog.watch(attempt)
+        try:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise TimeoutError("no time left")
+            if conn.sock is None:
+                self._open(conn, remaining)
+            else:
+                conn.sock.settimeout(remaining)  # per operation; the watchdog bounds the total
+            replies = conn.exchange(payload, count)
+        except (OSError, EOFError, ValueError) as exc:
+            attempt.finish()
+            conn.close()
+            raise StoreError(_store_reason(exc, attempt.expired)) from None
+        attempt.finish()
+        if attempt.expired:  # shut as the last reply came in: the socket is unusable
+            conn.close()
+        return replies
+
+
+def _store_reason(exc: BaseException, expired: bool) -> str:
+    """A short classification of a store transport failure, free of the server's text."""
+    if expired or isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, EOFError):
+        return "closed without an answer"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted"
+    return transport_reason(exc)
+
+
+# The owner-checked transitions.  Each reads the record, checks the owner token,
+# and rewrites it in one step; the liveness deadline comes from the store's own
+# clock (TIME), never the pod's.  They return 1 when they changed the key, else 0.
+_LUA_OWNED = """
+local function live_until(ms)
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ms)
+end
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local record = cjson.decode(current)
+if record.owner ~= ARGV[1] then return 0 end
+"""
+DISPATCHING_SCRIPT = RedisScript(_LUA_OWNED + """
+if record.state == 'done' then return 0 end
+record.state = 'dispatching'
+record.provider = ARGV[2]
+record.live_until = live_until(ARGV[3])
+redis.call('SET', KEYS[1], cjson.encode(record), 'PX', ARGV[4])
+return 1
+""")  # ARGV: owner, provider, liveness ms, ttl ms
+COMPLETE_SCRIPT = RedisScript(_LUA_OWNED + """
+record.state = 'done'
+record.live_until = nil
+record.answer = ARGV[2]
+redis.call('SET', KEYS[1], cjson.encode(record), 'PX', ARGV[3])
+return 1
+""")  # ARGV: owner, the answer's JSON text, ttl ms
+RELEASE_SCRIPT = RedisScript(_LUA_OWNED + """
+if record.state == 'done' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+""")  # ARGV: owner
+TAKEOVER_SCRIPT = RedisScript(_LUA_OWNED + """
+record.owner = ARGV[2]
+record.state = 'dispatching'
+record.provider = ARGV[3]
+record.answer = nil
+record.live_until = live_until(ARGV[4])
+redis.call('SET', KEYS[1], cjson.encode(record), 'PX', ARGV[5])
+return 1
+""")  # ARGV: the owner seen, the new owner, provider, liveness ms, ttl ms
+
+
+def _compact_json(document: Any) -> str:
+    return json.dumps(document, separators=(",", ":"))
+
+
+class RedisIdempotencyStore(IdempotencyStore):
+    """The store every replica and worker shares: one Redis or Valkey key per
+    Idempotency-Key, ``smsp:idem:<key>``, holding its Record as JSON.
+
+    A claim is one ``SET key record NX GET PX lease``, sent with TIME (the
+    store's clock, to judge a holder's liveness); the other transitions are
+    the owner-checked scripts above.  A claimed key lives ``lease`` seconds,
+    a dispatching or done one ``ttl``; a dispatching holder must mark again
+    within ``liveness`` seconds or its key is HOLDER_LOST.  Every operation is
+    counted in ``metrics``; ``status()`` reports how the last one went
+    without waiting.  Thread-safe.
+    """
+
+    PREFIX = "smsp:idem:"
+
+    def __init__(self, client: RedisClient, *, ttl: float, lease: float, liveness: float,
+                 metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self._lease_ms = max(1, round(lease * 1000))
+        self._liveness_ms = max(1, round(liveness * 1000))
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
+        self._error: str | None = None  # why the last operation failed; None: it worked
+        self._lock = threading.Lock()  # guards the probe bookkeeping only
+        self._probing = False
+        self._probed = -math.inf
+
+    def claim(self, key: str, fingerprint: str) -> ClaimResult:
+        result: ClaimResult = self._run("claim", self._claim, key, fingerprint)
+        return result
+
+    def dispatching(self, key: str, token: str, provider: str) -> bool:
+        marked = self._run("dispatching", self._script, DISPATCHING_SCRIPT, key, token,
+                           provider, self._liveness_ms, self._ttl_ms)
+        return bool(marked == 1)
+
+    def complete(self, key: str, token: str, answer: StoredAnswer) -> None:
+        self._run("complete", self._script, COMPLETE_SCRIPT, key, token,
+                  _compact_json(answer.to_json()), self._ttl_ms)
+
+    def release(self, key: str, token: str) -> None:
+        self._run("release", self._script, RELEASE_SCRIPT, key, token)
+
+    def takeover(self, key: str, seen: str, provider: str) -> str | None:
+        token = os.urandom(16).hex()
+        won = self._run("takeover", self._script, TAKEOVER_SCRIPT, key, seen, token, provider,
+                        self._liveness_ms, self._ttl_ms)
+        return token if won == 1 else None
+
+    def status(self) -> dict[str, Any]:
+        error = self._error
+        if error is None:
+            return {"kind": "redis", "state": "ok"}
+        self._probe_soon()
+        return {"kind": "redis", "state": "error", "error": error}
+
+    def check(self) -> str | None:
+        try:
+            self._run("ping", self._client.call, "PING")
+        except StoreError as exc:
+            return exc.reason
+        return None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _claim(self, key: str, fingerprint: str) -> ClaimResult:
+        token = os.urandom(16).hex()
+        value = _compact_json(Record(token, RecordState.CLAIMED, fingerprint).to_json())
+        held, now = self._client.execute(
+            ("SET", self.PREFIX + key, value, "NX", "GET", "PX", self._lease_ms), ("TIME",))
+        for reply in (held, now):
+            if isinstance(reply, RedisReplyError):
+                raise reply
+        if held is None:
+            return ClaimResult(Claim.NEW, token)
+        try:
+            record = Record.from_json(json.loads(held))
+            seconds = int(now[0]) + int(now[1]) / 1e6
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise StoreError("malformed record") from None  # not written by smsp
+        return claim_found(record, fingerprint, seconds)
+
+    def _script(self, script: RedisScript, key: str, *args: str | int) -> Any:
+        return self._client.script(script, (self.PREFIX + key,), args)
+
+    def _run(self, operation: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run one store operation, counted and timed, and remember how it went."""
+        started = self._clock()
+        try:
+            result = function(*args)
+        except StoreError as exc:
+            self._error = exc.reason
+            self._count(operation, "error", started)
+            raise
+        self._error = None
+        self._count(operation, "ok", started)
+        return result
+
+    def _count(self, operation: str, result: str, started: float) -> None:
+        self._metrics.count_and_observe(
+            "smsp_idempotency_store_operations_total", (operation, result),
+            "smsp_idempotency_store_duration_seconds", (operation,), self._clock() - started)
+
+    def _probe_soon(self) -> None:
+        """Ask the store again in the background, at most once a second, so that
+        /healthcheck sees it recover even while no request carries a key."""
+        now = self._clock()
+        with self._lock:
+            if self._probing or now - self._probed < 1.0:
+                return
+            self._probing, self._probed = True, now
+        start_thread(self._probe, "smsp-store-probe")
+
+    def _probe(self) -> None:
+        try:
+            self.check()
+        finally:
+            self._probing = False
 
 
 # --------------------------------------- HTTP messages: parsing and writing ---
@@ -3917,6 +4470,7 @@ class Application:
         self._timeout = config.timeout
         self._max_body_digits = len(str(config.max_body_bytes))
         self.bodies = ByteBudget(config.max_inflight_body_bytes)
+        self._fail_open = config.idempotency_on_error == "open"
         self.dispatcher = dispatcher
         self.idempotency = idempotency
         self.metrics = metrics
@@ -4044,7 +4598,13 @@ class Application:
     def _deliver_once(self, key: str, print_: str, message: Message, rid: str) -> Response:
         try:
             found = self.idempotency.claim(key, print_)
-        except StoreError:
+        except StoreError as exc:
+            if self._fail_open:
+                self._log.warning("idempotency_store_bypassed", request_id=rid, phase="claim",
+                                  reason=exc.reason)
+                return self._deliver(message, rid)
+            self._log.error("idempotency_store_failed", request_id=rid, phase="claim",
+                            reason=exc.reason)
             return failure_response(DeliveryFailed(Failure.STORE_FAILED, Outcome.NOT_SENT),
                                     rid, self._timeout)
         if found.claim is Claim.NEW:
@@ -4065,20 +4625,46 @@ class Application:
                               headers=(("Retry-After", "1"),), reason="idempotency_key_in_flight")
 
     def _deliver_claimed(self, key: str, token: str, message: Message, rid: str) -> Response:
-        store = self.idempotency
+        marked: list[str] = []  # the providers a dispatch mark was stored for
         response = None
         try:
-            response = self._deliver(message, rid, lambda name: store.dispatching(key, token,
-                                                                                  name))
+            response = self._deliver(message, rid, self._marker(key, token, rid, marked))
         finally:
-            try:
-                if response is not None and response.status in STORED_STATUSES:
-                    store.complete(key, token, stored_answer(response))
-                else:
-                    store.release(key, token)  # nothing was sent: a retry may send
-            except StoreError:
-                self._log.error("idempotency_store_failed", request_id=rid, phase="settle")
+            self._settle(key, token, response, bool(marked), rid)
         return response
+
+    def _marker(self, key: str, token: str, rid: str,
+                marked: list[str]) -> Callable[[str], bool]:
+        """The dispatcher's check before each attempt: mark the key dispatching.  A
+        store failure raises StoreError (the message is not sent), unless the
+        store fails open."""
+        def before_attempt(provider: str) -> bool:
+            try:
+                ok = self.idempotency.dispatching(key, token, provider)
+            except StoreError as exc:
+                if not self._fail_open:
+                    raise
+                self._log.warning("idempotency_store_bypassed", request_id=rid,
+                                  phase="dispatch", reason=exc.reason)
+                return True
+            if ok:
+                marked.append(provider)
+            return ok
+        return before_attempt
+
+    def _settle(self, key: str, token: str, response: Response | None, marked: bool,
+                rid: str) -> None:
+        """Store a final answer, or free a key that sent nothing so that a retry can
+        send.  After an unexpected error past a dispatch mark the key is left as it
+        is: its holder is then lost, and nothing is sent twice."""
+        try:
+            if response is not None and response.status in STORED_STATUSES:
+                self.idempotency.complete(key, token, stored_answer(response))
+            elif response is not None or not marked:
+                self.idempotency.release(key, token)
+        except StoreError as exc:
+            self._log.error("idempotency_store_failed", request_id=rid, phase="settle",
+                            reason=exc.reason)
 
     def _resolvable(self, found: ClaimResult) -> bool:
         """Whether an unknown fate can be settled by sending again: the attempt went to a
@@ -4131,7 +4717,9 @@ class Application:
                                            only=only)
         except DeliveryFailed as failure:
             return failure_response(failure, rid, self._timeout)
-        except StoreError:
+        except StoreError as exc:  # the dispatch mark failed: nothing was sent
+            self._log.error("idempotency_store_failed", request_id=rid, phase="dispatch",
+                            reason=exc.reason)
             return failure_response(DeliveryFailed(Failure.STORE_FAILED, Outcome.NOT_SENT),
                                     rid, self._timeout)
         message_id = "null" if receipt.message_id is None else _json_text(receipt.message_id)
@@ -4259,6 +4847,14 @@ def _openapi_paths(operations: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
                             "operationId": f"{operation['operationId']}Head",
                             "responses": {"200": {"description": "headers only"}}}
     return paths
+
+
+STORE_STATUS_SCHEMA: Mapping[str, Any] = {  # IdempotencyStore.status() in /healthcheck
+    "type": "object", "required": ["kind", "state"],
+    "properties": {"kind": {"type": "string", "enum": ["memory", "redis"]},
+                   "state": {"type": "string", "enum": ["ok", "error"]},
+                   "error": {"type": "string", "description": "why the store failed last: "
+                             "a short classification such as 'timed out'"}}}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
@@ -4860,6 +5456,8 @@ class Service:
 def config_secrets(config: Config) -> list[str]:
     """Every secret value configured: client keys and the providers' secret rows."""
     secrets = list(config.api_keys)
+    if config.idempotency_url is not None and config.idempotency_url.password:
+        secrets.append(config.idempotency_url.password)
     for name, cls in PROVIDERS.items():
         values = config.provider_settings.get(name, {})
         secrets += [values[row.field] for row in cls.settings if row.secret and values.get(
@@ -4895,6 +5493,30 @@ def _lanes(config: Config, providers: list[Provider], dispatcher: Dispatcher, *,
         on_poll=on_poll)) for provider in providers]
 
 
+def store_tls_context(config: Config) -> ssl.SSLContext | None:
+    """Verified TLS for a rediss:// store: the system CAs, or SMSP_IDEMPOTENCY_CA's."""
+    if config.idempotency_url is None or not config.idempotency_url.tls:
+        return None
+    return ssl.create_default_context(cafile=config.idempotency_ca or None)
+
+
+def build_store(config: Config, *, watchdog: Watchdog, metrics: Metrics,
+                clock: Callable[[], float], lanes: int) -> IdempotencyStore:
+    """The shared store when SMSP_IDEMPOTENCY_URL is set, else the per-process one.
+    Nothing connects here: the shared store connects on first use."""
+    liveness = config.timeout + IDEMPOTENCY_MARGIN
+    if config.idempotency_url is None:
+        return MemoryIdempotencyStore(ttl=config.idempotency_ttl,
+                                      max_entries=config.idempotency_max,
+                                      lease=config.timeout * lanes + IDEMPOTENCY_MARGIN,
+                                      liveness=liveness, clock=clock)
+    client = RedisClient(config.idempotency_url, watchdog=watchdog,
+                         timeout=config.idempotency_timeout,
+                         ssl_context=store_tls_context(config))
+    return RedisIdempotencyStore(client, ttl=config.idempotency_ttl, lease=IDEMPOTENCY_LEASE,
+                                 liveness=liveness, metrics=metrics)
+
+
 def build_service(config: Config, *, log: Logger | None = None,
                   clock: Callable[[], float] = time.monotonic,
                   timer: Callable[[float, Callable[[], None]], Any] = start_timer,
@@ -4911,11 +5533,8 @@ def build_service(config: Config, *, log: Logger | None = None,
     dispatcher = Dispatcher([], timeout=config.timeout, log=log, metrics=metrics)
     dispatcher.lanes = _lanes(config, build_providers(config, context), dispatcher, log=log,
                               metrics=metrics, clock=clock, timer=timer)
-    attempts = config.timeout * len(dispatcher.lanes)
-    idempotency = MemoryIdempotencyStore(
-        ttl=config.idempotency_ttl, max_entries=config.idempotency_max,
-        lease=attempts + IDEMPOTENCY_MARGIN, liveness=config.timeout + IDEMPOTENCY_MARGIN,
-        clock=clock)
+    idempotency = build_store(config, watchdog=watchdog, metrics=metrics, clock=clock,
+                              lanes=len(dispatcher.lanes))
     app = Application(config, dispatcher=dispatcher, idempotency=idempotency, metrics=metrics,
                       log=log)
     return Service(config, log, metrics, watchdog, dispatcher, app, IdGenerator(), stop,
@@ -4938,6 +5557,15 @@ def make_server(service: Service, *, sock: socket.socket | None = None) -> Serve
                   watchdog=service.watchdog, ids=service.ids,
                   max_connections=config.max_connections, client_timeout=config.client_timeout,
                   ssl_context=server_tls_context(config), sock=sock)
+
+
+def report_store(store: IdempotencyStore, log: Logger) -> None:
+    """Ask the idempotency store once at start and log by name why it failed.  smsp
+    serves anyway (keyed requests get 503 until the store answers), so that a
+    store that is down or refuses the password does not make pods crash-loop."""
+    failed = store.check()
+    if failed is not None:
+        log.error("idempotency_store_failed", phase="start", reason=failed)
 
 
 def _stop_on_signals(stop: threading.Event, reload: threading.Event) -> None:
@@ -4993,6 +5621,7 @@ def serve(config: Config, *, environ: Mapping[str, str] | None = None,
     service = build_service(config, log=log, worker=worker)
     log = service.log
     try:
+        report_store(service.app.idempotency, log)
         try:
             server = make_server(service, sock=sock)
         except (OSError, ssl.SSLError) as exc:

@@ -621,13 +621,14 @@ class Process:
         base.update(env)
         self.proc = subprocess.Popen(
             [sys.executable, str(SMSP), "--host", "127.0.0.1", "--port", "0"], env=base,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=SMSP.parent)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=SMSP.parent,
+            start_new_session=True)  # its workers too are killed by close()
         self.lines: list[dict[str, Any]] = []
         self.text: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        [started] = self.wait_for("started")
+        started = self.wait_for("started")[0]  # with SMSP_WORKERS, each worker logs one
         self.port = int(started["address"].rsplit(":", 1)[1])
 
     def _read(self) -> None:
@@ -677,8 +678,10 @@ class Process:
         return time.monotonic()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:  # the whole group: a worker left alive would hold stdout open for ever
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
         self._reader.join(5)
         assert self.proc.stdout is not None
@@ -1041,8 +1044,9 @@ def test_failure_while_writing_the_request_is_not_sent() -> None:
 
 
 def test_idempotency_key_replays_the_first_answer_without_sending_again(
-        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
-    with running(provider_config(mailgun, sendgrid, timeout=TIMEOUT)) as server:
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid, store_settings: dict[str, Any]) -> None:
+    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, **store_settings)
+    with running(config) as server:
         status, headers, first, _ = timed_send(server, Idempotency_Key="order-1")
         assert status == 200
         assert "idempotent-replayed" not in headers
@@ -1059,9 +1063,10 @@ def test_idempotency_key_replays_the_first_answer_without_sending_again(
 
 
 def test_idempotency_key_replays_an_unknown_outcome_instead_of_sending_again(
-        mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid, store_settings: dict[str, Any]) -> None:
     mailgun.script(Delay(LATE))
-    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, failure_threshold=5)
+    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, failure_threshold=5,
+                             **store_settings)
     with running(config) as server:
         status, _, first, _ = timed_send(server, Idempotency_Key="order-2")
         assert (status, first["delivery"]) == (504, "unknown")
@@ -1070,10 +1075,10 @@ def test_idempotency_key_replays_an_unknown_outcome_instead_of_sending_again(
         assert (mailgun.hits, sendgrid.hits) == (1, 0)
 
 
-def test_idempotency_key_in_flight_gets_409(mailgun: FakeMailgun,
-                                            sendgrid: FakeSendGrid) -> None:
+def test_idempotency_key_in_flight_gets_409(mailgun: FakeMailgun, sendgrid: FakeSendGrid,
+                                            store_settings: dict[str, Any]) -> None:
     mailgun.script(Delay(0.5))
-    with running(provider_config(mailgun, sendgrid, timeout=1.5)) as server:
+    with running(provider_config(mailgun, sendgrid, timeout=1.5, **store_settings)) as server:
         results: list[Any] = []
         first = threading.Thread(
             target=lambda: results.append(server.send(Idempotency_Key="order-3")))
@@ -1092,9 +1097,10 @@ def test_idempotency_key_in_flight_gets_409(mailgun: FakeMailgun,
         assert (mailgun.hits, len(mailgun.accepted)) == (1, 1)
 
 
-def test_idempotency_keys_are_scoped_per_api_key(mailgun: FakeMailgun,
-                                                 sendgrid: FakeSendGrid) -> None:
-    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, api_keys=("k1", "k2"))
+def test_idempotency_keys_are_scoped_per_api_key(mailgun: FakeMailgun, sendgrid: FakeSendGrid,
+                                                 store_settings: dict[str, Any]) -> None:
+    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, api_keys=("k1", "k2"),
+                             **store_settings)
     with running(config) as server:
         status, headers, _, _ = timed_send(server, X_API_KEY="k1", Idempotency_Key="same")
         assert (status, "idempotent-replayed" in headers) == (200, False)
@@ -1116,11 +1122,12 @@ def test_invalid_idempotency_key_is_400(key: str, mailgun: FakeMailgun,
         assert timed_send(server, Idempotency_Key="k" * 255)[0] == 200  # the longest allowed
 
 
-def test_503_is_not_stored_so_a_retry_after_recovery_sends(mailgun: FakeMailgun,
-                                                           sendgrid: FakeSendGrid) -> None:
+def test_503_is_not_stored_so_a_retry_after_recovery_sends(
+        mailgun: FakeMailgun, sendgrid: FakeSendGrid, store_settings: dict[str, Any]) -> None:
     mailgun.script(Status(500))
     sendgrid.script(Status(500))
-    with running(provider_config(mailgun, sendgrid, timeout=TIMEOUT)) as server:
+    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, **store_settings)
+    with running(config) as server:
         assert timed_send(server)[0] == 502  # both circuits open now
         status, _, body, _ = timed_send(server, Idempotency_Key="order-4")
         assert (status, body["delivery"]) == (503, "not_sent")
@@ -1134,9 +1141,10 @@ def test_503_is_not_stored_so_a_retry_after_recovery_sends(mailgun: FakeMailgun,
         assert mailgun.hits == hits + 1
 
 
-def test_validation_failures_are_not_stored(mailgun: FakeMailgun,
-                                            sendgrid: FakeSendGrid) -> None:
-    with running(provider_config(mailgun, sendgrid, timeout=TIMEOUT)) as server:
+def test_validation_failures_are_not_stored(mailgun: FakeMailgun, sendgrid: FakeSendGrid,
+                                            store_settings: dict[str, Any]) -> None:
+    config = provider_config(mailgun, sendgrid, timeout=TIMEOUT, **store_settings)
+    with running(config) as server:
         bad = {k: v for k, v in EMAIL.items() if k != "toaddress"}
         status, headers, body, _ = timed_send(server, bad, Idempotency_Key="order-5")
         assert (status, "idempotent-replayed" in headers) == (400, False)

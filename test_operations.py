@@ -249,7 +249,8 @@ def test_reload_swaps_client_and_provider_keys_and_keeps_them_when_the_file_brea
 
 def _env_of(config: smsp.Config) -> dict[str, str]:
     from testkit import env_text
-    env = {row.env: env_text(config.value(row.field)) for row in smsp.SETTINGS}
+    env = {row.env: env_text(config.value(row.field)) for row in smsp.SETTINGS
+           if config.value(row.field) is not None}
     for name in config.active_providers:
         cls = smsp.PROVIDERS[name]
         env.update({row.env: env_text(config.provider_settings[name][row.field])
@@ -292,6 +293,8 @@ def test_sighup_rereads_the_client_keys_without_a_restart(tmp_path: Path, worker
         assert wait_until(lambda: len(process.events("reload_failed")) == int(workers))
         assert status(process.port, "new-key") == 200
         assert process.proc.poll() is None  # SIGHUP never stops it
+        process.proc.send_signal(signal.SIGTERM)  # every worker drains and exits with it
+        assert process.proc.wait(30) == 0
 
 
 def wait_until(condition: Any, timeout: float = 20.0) -> bool:

@@ -1,11 +1,14 @@
 -- wrk script for bench/run.py: POST /email with a fixed JSON body.
 --
---   wrk -t2 -c50 -d10s --latency -s bench/post.lua http://127.0.0.1:PORT/email [-- BUDGET]
+--   wrk -t2 -c50 -d10s --latency -s bench/post.lua http://127.0.0.1:PORT/email \
+--       [-- BUDGET [KEY_PREFIX]]
 --
 -- SMSP_BENCH_BODY_FILE=path (optional, environment): the body to POST instead.
--- BUDGET (optional): responses per thread after which the thread stops sending
--- (wrk.thread:stop()) and writes "smsp-bench: budget reached" to stderr, so the
--- caller can SIGINT wrk instead of waiting out -d.
+-- BUDGET (optional, 0 for none): responses per thread after which the thread stops
+-- sending (wrk.thread:stop()) and writes "smsp-bench: budget reached" to stderr, so
+-- the caller can SIGINT wrk instead of waiting out -d.
+-- KEY_PREFIX (optional): every request carries an Idempotency-Key of its own,
+-- KEY_PREFIX-<thread>-<n>; without it the request is static (built once).
 -- done() prints one machine-readable line to stdout:
 --   SMSP_BENCH_JSON {"requests":..,"duration_us":..,"non2xx":..,...}
 -- non2xx counts every response whose status is outside 200..299 (wrk's own
@@ -29,6 +32,7 @@ local threads = {}
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("thread_id", #threads)
 end
 
 -- Per-thread globals (read back from done() with thread:get()).
@@ -39,6 +43,16 @@ stopped = false
 
 function init(args)
   budget = tonumber(args[1] or "0") or 0
+  local prefix = args[2]
+  if prefix ~= nil and prefix ~= "" then
+    -- Defined only here: wrk builds the request once unless request() exists.
+    local sent = 0
+    request = function()
+      sent = sent + 1
+      wrk.headers["Idempotency-Key"] = prefix .. "-" .. thread_id .. "-" .. sent
+      return wrk.format()
+    end
+  end
 end
 
 function response(status, headers, body)

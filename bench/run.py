@@ -2,15 +2,16 @@
 
 Usage::
 
-    python bench/run.py            # full run: ~10 s per measurement, ~4 minutes in all
+    python bench/run.py            # full run: ~10 s per measurement, ~5 minutes in all
     python bench/run.py --quick    # smoke run: ~2 s per measurement
     python bench/run.py --duration 20 --repeat 3 --scenarios 1,4
 
-Needs ``wrk`` (``apt-get install wrk``) and, for scenario 2, the ``openssl``
-command; it installs nothing. All traffic stays on 127.0.0.1. It starts every
-server itself (smsp.py, bench/bare_server.py, bench/tls_fake_mailgun.py) on
-free ports, drives them with wrk and bench/post.lua (POST /email with a fixed
-JSON body, keep-alive), and always terminates them before it exits.
+Needs ``wrk`` (``apt-get install wrk``), for scenario 2 the ``openssl`` command
+and for scenario 5 ``redis-server``; it installs nothing. All traffic stays on
+127.0.0.1. It starts every server itself (smsp.py, bench/bare_server.py,
+bench/tls_fake_mailgun.py, redis-server) on free ports, drives them with wrk and
+bench/post.lua (POST /email with a fixed JSON body, keep-alive), and always
+terminates them before it exits.
 
 Scenarios (each measurement is preceded by a short warm-up run):
 
@@ -34,6 +35,10 @@ Scenarios (each measurement is preceded by a short warm-up run):
 5. A rich message through the TLS fake Mailgun (pool 16), wrk -c4 -t2: 100 KB of
    HTML and a 1 MiB attachment (about 1.5 MB of JSON, sent on as multipart/form-data):
    sends accepted by the fake per second and smsp's peak RSS (VmHWM).
+6. Keyed sends in mock mode, wrk -c50 -t2, every request with an Idempotency-Key
+   of its own: the shared Redis store (a local redis-server started with the test
+   suite's redis_server.py; needs `apt-get install redis-server`) beside the
+   in-memory store, alternating, on the same run: requests/s and p50/p99.
 
 It prints the machine, the command and ONE markdown table with each value, its
 target and PASS/FAIL. It is a benchmark, not a test: it exits 0 whatever the
@@ -262,6 +267,7 @@ class Server:
 
 
 STARTED: list[Server] = []
+HELPER_PIDS: list[int] = []  # other processes this run started (redis-server): not background
 
 
 @contextlib.contextmanager
@@ -363,10 +369,13 @@ def run_wrk(
     timeout_s: int,
     budget: int = 0,
     body_file: Path | None = None,
+    key_prefix: str = "",
 ) -> WrkResult:
     """Run wrk with bench/post.lua; with budget > 0 stop once that many responses came back.
 
-    ``body_file`` replaces post.lua's small JSON body with the file's bytes.
+    ``body_file`` replaces post.lua's small JSON body with the file's bytes.  With a
+    key_prefix every request carries an Idempotency-Key of its own (the prefix, the
+    thread and a counter), so each is a keyed send, never a replay.
 
     A budget is split over the threads; each thread stops itself (wrk.thread:stop()) and
     says so on stderr, and once all have, wrk is sent SIGINT so it reports at once instead
@@ -376,6 +385,7 @@ def run_wrk(
     """
     busy0, kids0, self0 = system_busy_ticks(), children_cpu_s(), time.process_time()
     servers0 = {srv.pid: tree_ticks(srv.pid) for srv in STARTED if srv.proc is not None}
+    servers0.update((pid, tree_ticks(pid)) for pid in HELPER_PIDS)
     wall0 = time.monotonic()
     # wrk counts a request that was never answered as one timeout per 2 s check at
     # most, so a client left in the listen queue for the whole run barely shows in its
@@ -392,7 +402,8 @@ def run_wrk(
     watcher = threading.Thread(target=watch_listen_queue, daemon=True)
     watcher.start()
     try:
-        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget, body_file)
+        result = _run_wrk(url, connections, threads, duration_s, timeout_s, budget, body_file,
+                          key_prefix)
     finally:
         stop.set()
         watcher.join()
@@ -413,6 +424,7 @@ def _run_wrk(
     timeout_s: int,
     budget: int,
     body_file: Path | None = None,
+    key_prefix: str = "",
 ) -> WrkResult:
     per_thread = -(-budget // threads) if budget > 0 else 0
     cmd = [
@@ -427,8 +439,8 @@ def _run_wrk(
         str(POST_LUA),
         f"{url}/email",
     ]
-    if per_thread:
-        cmd += ["--", str(per_thread)]
+    if per_thread or key_prefix:
+        cmd += ["--", str(per_thread), key_prefix]
     env = {**os.environ, "SMSP_BENCH_BODY_FILE": str(body_file)} if body_file else None
     proc = subprocess.Popen(
         cmd,
@@ -506,12 +518,22 @@ class Measured:
         return self.cpu_s / self.wrk.requests * 10_000 if self.wrk.requests else float("nan")
 
 
-def measure(server: Server, cfg: Config, connections: int, threads: int) -> Measured:
-    """Warm up, then one wrk run with the server tree's CPU read around it."""
+def measure(
+    server: Server, cfg: Config, connections: int, threads: int, key_prefix: str = ""
+) -> Measured:
+    """Warm up, then one wrk run with the server tree's CPU read around it.
+
+    With a key_prefix the requests are keyed sends (warm-up and run use distinct keys).
+    """
     if cfg.warmup > 0:
-        run_wrk(server.url, connections, threads, cfg.warmup, cfg.timeout)
+        run_wrk(
+            server.url, connections, threads, cfg.warmup, cfg.timeout,
+            key_prefix=key_prefix and f"{key_prefix}-warm",
+        )
     before = tree_ticks(server.pid)
-    result = run_wrk(server.url, connections, threads, cfg.duration, cfg.timeout)
+    result = run_wrk(
+        server.url, connections, threads, cfg.duration, cfg.timeout, key_prefix=key_prefix
+    )
     after = tree_ticks(server.pid)
     m = Measured(result, cpu_delta_s(before, after))
     log(
@@ -942,12 +964,59 @@ def scenario_5(cfg: Config, rep: Report) -> None:
     rep.check(sc, "errors", res.error_text() if res.errors else "0", "0", res.errors == 0)
 
 
+def redis_helper() -> type:
+    """The test suite's redis-server launcher (redis_server.py at the repository root)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    sys.dont_write_bytecode = True  # leave no __pycache__ in the work tree
+    from redis_server import RedisServer  # repository-local module
+
+    return RedisServer
+
+
+def scenario_6(cfg: Config, rep: Report) -> None:
+    """A keyed send (a new Idempotency-Key each) with the Redis store vs the in-memory one."""
+    sc = "6 keyed sends"
+    log(f"scenario 6: keyed sends, Redis store vs in-memory ({cfg.repeat} round(s))")
+    with redis_helper()() as redis:
+        HELPER_PIDS.append(redis.proc.pid)
+        memory = cfg.smsp_server("smsp keyed (memory)", cfg.mock_env())
+        shared = cfg.smsp_server(
+            "smsp keyed (redis)", cfg.mock_env(SMSP_IDEMPOTENCY_URL=redis.url())
+        )
+        runs: dict[str, list[Measured]] = {"memory": [], "redis": []}
+        with running(memory), running(shared):
+            for n in range(cfg.repeat):
+                runs["memory"].append(measure(memory, cfg, 50, 2, key_prefix=f"m{n}"))
+                runs["redis"].append(measure(shared, cfg, 50, 2, key_prefix=f"r{n}"))
+        keys = redis.command("DBSIZE")
+        HELPER_PIDS.remove(redis.proc.pid)
+    note = f" (median of {cfg.repeat})" if cfg.repeat > 1 else ""
+    rps: dict[str, float] = {}
+    for label, measured in runs.items():
+        rps[label] = statistics.median(m.wrk.rps for m in measured)
+        p50 = statistics.median(m.wrk.p50_ms for m in measured)
+        p99 = statistics.median(m.wrk.p99_ms for m in measured)
+        rep.info(
+            sc,
+            f"{label} store: requests/s, p50 / p99{note}",
+            f"{rps[label]:,.0f}, {p50:.2f} ms / {p99:.2f} ms",
+        )
+        errors = sum(m.wrk.errors for m in measured)
+        rep.check(sc, f"{label} store errors", str(errors), "0", errors == 0)
+    rep.info(sc, "redis/memory requests/s", f"{ratio(rps['redis'], rps['memory']):.2f}x")
+    rep.info(sc, "keys left in Redis (one per keyed send)", f"{keys:,}")
+
+
 SCENARIOS: dict[str, Callable[[Config, Report], None]] = {
     "1": scenario_1,
     "2": scenario_2,
     "3": scenario_3,
     "4": scenario_4,
     "5": scenario_5,
+    "6": scenario_6,
 }
 SCENARIO_NAMES = {
     "1": "1 mock vs bare",
@@ -955,6 +1024,7 @@ SCENARIO_NAMES = {
     "3": "3 memory/1000 conns",
     "4": "4 workers",
     "5": "5 HTML + 1 MiB attachment",
+    "6": "6 keyed sends",
 }
 
 
@@ -1054,7 +1124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of scenario 1, bare and smsp alternating, medians (default 3, --quick 1)",
     )
     p.add_argument(
-        "--scenarios", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5"
+        "--scenarios", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6"
     )
     p.add_argument("--smsp", type=Path, default=REPO_DIR / "smsp.py", help="path to smsp.py")
     p.add_argument("--python", default=sys.executable, help="interpreter for the servers")
