@@ -27,6 +27,7 @@ test: lint unit functional promtool soak-ci ## everything the tests need, instal
 
 lint: $(STAMP) ## ruff, mypy --strict and the deploy files
 	$(BIN)/ruff check .
+	$(BIN)/mypy --strict smsp.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/lint-deploy.sh
 
 unit: $(STAMP) promtool-install redis-install ## the unit, fault and provider suites with coverage

@@ -26,7 +26,7 @@ SendGrid, SES, Postmark, Resend, SMTP, mock); the circuit breaker; the dispatche
 idempotency store (a small RESP2 client and the Redis or Valkey store every replica
 shares);
 HTTP messages (the lean parser); the HTTP application (routes and responses,
-no sockets); the HTTP handler and server; and finally workers and ``main()``.
+no sockets); the HTTP handler and server; and finally workers and main (``main()``).
 
 Every response tells the client whether its mail was sent, not sent, or
 unknown.  A message whose fate is unknown (the provider timed out after the
@@ -64,6 +64,7 @@ import select
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -114,7 +115,7 @@ POLL_BODY = "poll"
 IDEMPOTENCY_MARGIN = 5.0  # seconds a key's lease outlives the longest send it covers
 IDEMPOTENCY_LEASE = 5.0  # seconds a shared-store claim holds a key before its first send
 
-# --------------------------------------------------------- errors, outcomes ---
+# ------------------------------------------------------ errors and outcomes ---
 
 
 class Outcome(enum.Enum):
@@ -981,7 +982,9 @@ class Logger:
         if writer is not None:
             writer.notice = lambda count: self._line(Level.WARNING, "log_lines_dropped",
                                                      {"dropped": count})
-        self._write = writer.write if writer is not None else write
+        sink = writer.write if writer is not None else write
+        assert sink is not None  # one of the two is set above
+        self._write: Callable[[str], None] = sink
         self._fmt = fmt
         self._host = host or socket.gethostname()
         self._worker = worker
@@ -1025,8 +1028,8 @@ class Logger:
                     out.append(f"{key}={_debug_value(value)}")
             line = " ".join(out) + "\n"
         else:
-            record = {"time": stamp, "level": _LEVEL_NAMES[level], "event": event,
-                      "host": self._host}
+            record: dict[str, Any] = {"time": stamp, "level": _LEVEL_NAMES[level],
+                                      "event": event, "host": self._host}
             if self._worker is not None:
                 record["worker"] = self._worker
             record.update((k, v) for k, v in fields.items() if v is not None)
@@ -2360,7 +2363,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _addresses(addresses: Iterable[Address]) -> list[str]:
+def _header_texts(addresses: Iterable[Address]) -> list[str]:
     return [str(address) for address in addresses]
 
 
@@ -2434,9 +2437,9 @@ class SESProvider(HTTPProvider):
     def encode(self, message: Message) -> Outgoing:
         document: dict[str, Any] = {
             "FromEmailAddress": str(message.sender),
-            "Destination": {k: v for k, v in (("ToAddresses", _addresses(message.to)),
-                                              ("CcAddresses", _addresses(message.cc)),
-                                              ("BccAddresses", _addresses(message.bcc))) if v},
+            "Destination": {k: v for k, v in (("ToAddresses", _header_texts(message.to)),
+                                              ("CcAddresses", _header_texts(message.cc)),
+                                              ("BccAddresses", _header_texts(message.bcc))) if v},
             "Content": {"Simple": self._simple(message)}}
         if message.reply_to is not None:
             document["ReplyToAddresses"] = [str(message.reply_to)]
@@ -2550,10 +2553,10 @@ class PostmarkProvider(HTTPProvider):
 
     def encode(self, message: Message) -> Outgoing:
         document: dict[str, Any] = {"From": str(message.sender),
-                                    "To": ", ".join(_addresses(message.to)),
+                                    "To": ", ".join(_header_texts(message.to)),
                                     "Subject": message.subject, "MessageStream": self._stream}
-        optional = (("Cc", ", ".join(_addresses(message.cc))),
-                    ("Bcc", ", ".join(_addresses(message.bcc))),
+        optional = (("Cc", ", ".join(_header_texts(message.cc))),
+                    ("Bcc", ", ".join(_header_texts(message.bcc))),
                     ("TextBody", message.text or ("" if message.html else " ")),
                     ("HtmlBody", message.html),
                     ("ReplyTo", str(message.reply_to) if message.reply_to else ""),
@@ -2634,10 +2637,10 @@ class ResendProvider(HTTPProvider):
         return pairs if isinstance(pairs, str) else super().cannot_carry(message)
 
     def encode(self, message: Message) -> Outgoing:
-        document: dict[str, Any] = {"from": str(message.sender), "to": _addresses(message.to),
+        document: dict[str, Any] = {"from": str(message.sender), "to": _header_texts(message.to),
                                     "subject": message.subject}
-        optional = (("cc", _addresses(message.cc)), ("bcc", _addresses(message.bcc)),
-                    ("reply_to", _addresses([message.reply_to] if message.reply_to else [])),
+        optional = (("cc", _header_texts(message.cc)), ("bcc", _header_texts(message.bcc)),
+                    ("reply_to", _header_texts([message.reply_to] if message.reply_to else [])),
                     ("text", message.text or ("" if message.html else " ")),
                     ("html", message.html), ("headers", dict(message.headers)))
         document.update((k, v) for k, v in optional if v)
@@ -5262,9 +5265,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.socket.setblocking(False)
 
     def server_bind(self) -> None:
-        socketserver_bind = http.server.socketserver.TCPServer.server_bind
-        socketserver_bind(self)  # skip HTTPServer's getfqdn(): a DNS lookup at start
-        self.server_name, self.server_port = self.server_address[:2]
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: no getfqdn() DNS lookup
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     @property
     def port(self) -> int:

@@ -741,6 +741,24 @@ def test_smsp_imports_only_the_standard_library() -> None:
     assert names and names <= set(sys.stdlib_module_names)
 
 
+def test_no_function_is_longer_than_40_lines() -> None:
+    tree = ast.parse(open(smsp.__file__, encoding="utf-8").read())
+    long = [(node.name, node.lineno) for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno is not None and node.end_lineno - node.lineno >= 40]
+    assert long == []
+
+
+def test_the_module_docstring_lists_the_sections_in_the_order_of_the_banners() -> None:
+    text = open(smsp.__file__, encoding="utf-8").read()
+    banners = re.findall(r"^# -+ (.+?) ---$", text, flags=re.M)
+    docstring = " ".join((smsp.__doc__ or "").split()).lower()
+    docstring = docstring[docstring.index("how the module reads"):]
+    places = [docstring.find(banner.split(":")[0].split(" (")[0].lower()) for banner in banners]
+    assert -1 not in places, list(zip(banners, places))
+    assert places == sorted(places), list(zip(banners, places))
+
+
 # ------------------------------------------- providers: wire format, failover ---
 
 
