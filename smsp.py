@@ -648,6 +648,9 @@ SETTINGS: tuple[Setting, ...] = (
             "cap of the doubling poll interval"),
     Setting("SMSP_FAILURE_THRESHOLD", "failure_threshold", _number(int, 1), 1,
             "consecutive failures that open a circuit"),
+    Setting("SMSP_POLL_SANDBOX", "poll_sandbox", _parse_bool, False,
+            "true: polls go in the provider's test mode (Mailgun, SendGrid, Postmark, SES, "
+            "Resend), proving the API and keys without delivering"),
     Setting("SMSP_MAX_ATTACHMENT_BYTES", "max_attachment_bytes", _number(int, 0),
             DEFAULT_MAX_ATTACHMENT_BYTES,
             "largest total decoded size of one message's attachments"),
@@ -753,6 +756,7 @@ class Config:
     poll_interval: float
     poll_interval_max: float
     failure_threshold: int
+    poll_sandbox: bool
     max_body_bytes: int
     max_attachment_bytes: int
     max_inflight_body_bytes: int
@@ -1108,6 +1112,7 @@ class Message:
     tags: tuple[str, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
     key: str = ""  # the same on every retry of one keyed request; providers may dedupe by it
+    sandbox: bool = False  # a poll in the provider's test mode: checked, never delivered
 
     @property
     def recipients(self) -> tuple[Address, ...]:
@@ -1914,9 +1919,10 @@ class Provider:
             return f"{self.name} takes at most {most} bytes a message, this one is {size} as MIME"
         return None
 
-    def poll_message(self, address: Address) -> Message:
-        """The dummy message that polls an open circuit; valid for this provider."""
-        return Message(address, (address,), POLL_SUBJECT, POLL_BODY)
+    def poll_message(self, address: Address, sandbox: bool = False) -> Message:
+        """The dummy message that polls an open circuit; valid for this provider.  With
+        ``sandbox`` it goes in the provider's test mode, where it has one."""
+        return Message(address, (address,), POLL_SUBJECT, POLL_BODY, sandbox=sandbox)
 
     def close(self) -> None:
         """Release connections; called at shutdown."""
@@ -2099,6 +2105,8 @@ class MailgunProvider(HTTPProvider):
         fields += [(f"h:{name}", value) for name, value in message.headers]
         fields += [("o:tag", tag) for tag in message.tags]
         fields += [(f"v:{key}", value) for key, value in message.metadata]
+        if message.sandbox:
+            fields.append(("o:testmode", "yes"))  # accepted and checked, never delivered
         return fields
 
     @staticmethod
@@ -2184,6 +2192,8 @@ class SendGridProvider(HTTPProvider):
             document["headers"] = dict(message.headers)
         if message.tags:
             document["categories"] = list(message.tags)
+        if message.sandbox:  # validated, never delivered
+            document["mail_settings"] = {"sandbox_mode": {"enable": True}}
         return document
 
     @staticmethod
@@ -2367,6 +2377,9 @@ def _header_texts(addresses: Iterable[Address]) -> list[str]:
     return [str(address) for address in addresses]
 
 
+SES_SIMULATOR = "success@simulator.amazonses.com"  # SES's mailbox simulator: "delivered"
+
+
 class SESProvider(HTTPProvider):
     """Amazon SES v2 ``SendEmail``: ``POST /v2/email/outbound-emails``, JSON, SigV4.
 
@@ -2478,6 +2491,11 @@ class SESProvider(HTTPProvider):
             service="ses", access_key=self._access_key, secret_key=self._secret_key,
             session_token=self._token or None, amz_date=amz_date, signed=["Content-Type"]))
 
+    def poll_message(self, address: Address, sandbox: bool = False) -> Message:
+        """In test mode to SES's mailbox simulator, which accepts and delivers nothing."""
+        poll = super().poll_message(address, sandbox)
+        return dataclasses.replace(poll, to=(Address(SES_SIMULATOR),)) if sandbox else poll
+
     def error_code(self, reply: Reply) -> str | None:
         kind = reply.headers.get("x-amzn-errortype", "").partition(":")[0]
         if not kind:
@@ -2500,6 +2518,9 @@ class SESProvider(HTTPProvider):
         if not isinstance(message_id, str):
             return Receipt(self.name, None, f"HTTP {reply.status} without a MessageId")
         return Receipt(self.name, message_id)
+
+
+POSTMARK_TEST_TOKEN = "POSTMARK_API_TEST"  # Postmark validates such a request, sends nothing
 
 
 class PostmarkProvider(HTTPProvider):
@@ -2571,7 +2592,8 @@ class PostmarkProvider(HTTPProvider):
                 for a in message.attachments]
         if message.metadata:
             document["Metadata"] = dict(message.metadata)
-        return Outgoing(self.path, {"X-Postmark-Server-Token": self._token,
+        token = POSTMARK_TEST_TOKEN if message.sandbox else self._token
+        return Outgoing(self.path, {"X-Postmark-Server-Token": token,
                                     "Accept": "application/json",
                                     "Content-Type": "application/json"},
                         json.dumps(document, separators=(",", ":")).encode("utf-8"))
@@ -2593,6 +2615,9 @@ class PostmarkProvider(HTTPProvider):
         if not isinstance(message_id, str):
             return Receipt(self.name, None, f"HTTP {reply.status} without a MessageID")
         return Receipt(self.name, message_id)
+
+
+RESEND_TEST_ADDRESS = "delivered@resend.dev"  # Resend's test inbox: accepted, not delivered
 
 
 class ResendProvider(HTTPProvider):
@@ -2659,6 +2684,11 @@ class ResendProvider(HTTPProvider):
             headers["Idempotency-Key"] = f"smsp-{message.key}"
         return Outgoing(self.path, headers,
                         json.dumps(document, separators=(",", ":")).encode("utf-8"))
+
+    def poll_message(self, address: Address, sandbox: bool = False) -> Message:
+        """In test mode to Resend's test address, which is delivered to no one."""
+        poll = super().poll_message(address, sandbox)
+        return dataclasses.replace(poll, to=(Address(RESEND_TEST_ADDRESS),)) if sandbox else poll
 
     def error_code(self, reply: Reply) -> str | None:
         document = json_document(reply)
@@ -3277,14 +3307,15 @@ class CircuitBreaker:
 
 
 def make_probe(provider: Callable[[], Provider], address: Address, timeout: float,
-               clock: Callable[[], float] = time.monotonic) -> Callable[[], str | None]:
+               clock: Callable[[], float] = time.monotonic, *,
+               sandbox: bool = False) -> Callable[[], str | None]:
     """A breaker probe that sends the poll message of ``provider()`` (the provider in
     use at that moment: keys may be reloaded), from and to ``address``, built as a
     client's message is; a rejection still proves health."""
     def probe() -> str | None:
         current = provider()
         try:
-            current.send(current.poll_message(address), clock() + timeout)
+            current.send(current.poll_message(address, sandbox), clock() + timeout)
         except ProviderError as exc:
             return None if exc.outcome is Outcome.REJECTED else exc.reason
         return None
@@ -5490,7 +5521,8 @@ def _lanes(config: Config, providers: list[Provider], dispatcher: Dispatcher, *,
 
     address = config.poll_address or DEFAULT_POLL_ADDRESS
     return [Lane(provider, CircuitBreaker(
-        provider.name, make_probe(current(provider.name), address, config.timeout),
+        provider.name, make_probe(current(provider.name), address, config.timeout,
+                                  sandbox=config.poll_sandbox),
         threshold=config.failure_threshold, interval=config.poll_interval,
         interval_max=config.poll_interval_max, clock=clock, timer=timer, on_change=on_change,
         on_poll=on_poll)) for provider in providers]

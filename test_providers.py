@@ -283,3 +283,42 @@ def test_a_rejection_passes_the_providers_words_with_every_secret_masked(
     for secret in (MG_KEY, API_KEY, token):
         assert secret not in body["message"]
     assert body["message"].count("****") == 3
+
+
+# --------------------------------------------------------------- sandbox polls ---
+
+# How each peer shows that a request came in the provider's test mode.
+SANDBOXED: dict[str, Callable[[Any], bool]] = {
+    "mailgun": lambda peer: peer.accepted[-1].get("o:testmode") == ["yes"],
+    "sendgrid": lambda peer: peer.accepted[-1].get("mail_settings") ==
+    {"sandbox_mode": {"enable": True}},
+    "postmark": lambda peer: peer.requests[-1].headers["x-postmark-server-token"] ==
+    "POSTMARK_API_TEST",
+    "ses": lambda peer: peer.accepted[-1]["Destination"]["ToAddresses"] ==
+    ["success@simulator.amazonses.com"],
+    "resend": lambda peer: peer.accepted[-1]["to"] == ["delivered@resend.dev"],
+}
+
+
+@pytest.mark.parametrize("provider", sorted(SANDBOXED))
+def test_sandbox_polls_go_in_the_providers_test_mode_and_real_mail_never_does(
+        provider: str, fakes: dict[str, Any]) -> None:
+    peer = fakes[provider]
+    peer.script(Status(500))
+    with running(peers_config({provider: peer}, poll_sandbox=True)) as server:
+        server.send()
+        assert not SANDBOXED[provider](_as_accepted(peer, provider))  # the real send
+        server.timers.fire_next()
+        assert server.states() == {provider: "closed"}
+        assert SANDBOXED[provider](peer)
+        status, _, body = server.send()
+        assert (status, body["provider"]) == (200, provider)
+        assert not SANDBOXED[provider](peer)
+
+
+def _as_accepted(peer: Any, provider: str) -> Any:
+    """The refused first send as if accepted, so the same check reads it."""
+    class Last:
+        accepted = [peer.requests[-1].fields]
+        requests = peer.requests
+    return Last

@@ -108,6 +108,7 @@ GOOD_VALUES = [
     ("SMSP_POLL_INTERVAL", "2", "poll_interval", 2.0),
     ("SMSP_POLL_INTERVAL_MAX", "90", "poll_interval_max", 90.0),
     ("SMSP_FAILURE_THRESHOLD", "3", "failure_threshold", 3),
+    ("SMSP_POLL_SANDBOX", "true", "poll_sandbox", True),
     ("SMSP_MAX_BODY_BYTES", "2048", "max_body_bytes", 2048),
     ("SMSP_MAX_ATTACHMENT_BYTES", "0", "max_attachment_bytes", 0),
     ("SMSP_MAX_INFLIGHT_BODY_BYTES", "33554432", "max_inflight_body_bytes", 33554432),
