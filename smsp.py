@@ -53,6 +53,7 @@ import heapq
 import hmac
 import http.client
 import http.server
+import ipaddress
 import io
 import itertools
 import json
@@ -588,6 +589,14 @@ def _parse_store_url(text: str) -> StoreAddress:
                         password)
 
 
+def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",")
+                     if part.strip())
+    except ValueError:
+        raise ValueError("must be IP addresses or CIDR ranges, comma-separated") from None
+
+
 def _parse_poll_address(text: str) -> Address:
     try:
         return parse_address("SMSP_POLL_MESSAGE_ADDRESS", text.strip())
@@ -625,7 +634,7 @@ class Setting:
         if isinstance(value, urllib.parse.SplitResult):
             return value.geturl()
         if isinstance(value, tuple):
-            return ",".join(value)
+            return ",".join(str(v) for v in value)
         if isinstance(value, bool):
             return str(value).lower()
         return "" if value is None else str(value)
@@ -665,6 +674,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(unset: SMSP_MAX_BODY_BYTES, one largest body at a time)",
             follows=lambda values: values["max_body_bytes"]),
     Setting("SMSP_HOST", "host", _parse_text, "0.0.0.0", "listen address (--host)"),
+    Setting("SMSP_TRUSTED_PROXIES", "trusted_proxies", _parse_networks, (),
+            "addresses or CIDR ranges of proxies whose X-Forwarded-For names the client"),
     Setting("SMSP_PORT", "port", _number(int, 0, 65535), 8080, "listen port (--port)"),
     Setting("SMSP_LOG_OUTPUT_FORMAT", "log_format", _parse_log_format, "DEBUG",
             "DEBUG (readable), JSON_ONELINE (alias JSON_ONLINE) or JSON_PRETTY"),
@@ -761,6 +772,7 @@ class Config:
     max_attachment_bytes: int
     max_inflight_body_bytes: int
     host: str
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     port: int
     log_format: str
     log_debug: bool
@@ -4318,6 +4330,7 @@ class Request:
     headers: Mapping[str, str]
     request_id: str
     read_body: Callable[[int], bytes] = lambda n: b""
+    peer: str = ""  # the socket's remote address
 
 
 @dataclasses.dataclass(slots=True)
@@ -4334,6 +4347,7 @@ class Response:
     delivery: Delivery | None = None
     reason: str | None = None
     replayed: bool = False
+    client: str | None = None  # who asked: the peer, or whom a trusted proxy names
 
 
 def json_response(status: int, document: Any, **fields: Any) -> Response:
@@ -4467,6 +4481,23 @@ class ByteBudget:
             self.held -= n
 
 
+def client_address(peer: str, forwarded: str | None,
+                   proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    """Who sent a request: the peer, unless the peer is a trusted proxy; then the
+    rightmost X-Forwarded-For address that is not a trusted proxy itself (the
+    entries left of it could have been written by the client)."""
+    hops = [hop.strip() for hop in reversed((forwarded or "").split(",")) if hop.strip()]
+    chain = [peer, *hops]
+    for hop in chain:
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop[:64]  # not an address: report it, and believe nothing further left
+        if not any(address in network for network in proxies):
+            return hop
+    return chain[-1]
+
+
 def fingerprint(document: Mapping[str, Any]) -> str:
     """The digest an Idempotency-Key is bound to: the canonical JSON of the body."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -4502,6 +4533,7 @@ class Application:
         self._max_body = config.max_body_bytes
         self._limits = Limits.of(config)
         self._timeout = config.timeout
+        self._proxies = config.trusted_proxies
         self._max_body_digits = len(str(config.max_body_bytes))
         self.bodies = ByteBudget(config.max_inflight_body_bytes)
         self._fail_open = config.idempotency_on_error == "open"
@@ -4535,10 +4567,13 @@ class Application:
                                   request.request_id, headers=(("Allow", methods),),
                                   reason="method_not_allowed")
         answer: Callable[[Request], Response] = getattr(self, endpoint.handler)
-        return answer(request)
+        response = answer(request)
+        response.client = client_address(request.peer, request.headers.get("x-forwarded-for"),
+                                         self._proxies)
+        return response
 
     def finished(self, method: str, path: str, response: Response, seconds: float,
-                 request_id: str) -> None:
+                 request_id: str, peer: str = "") -> None:
         """Account for an answered request: metrics and the access line."""
         route = path if path in _ENDPOINT_AT else "other"
         self.metrics.count_and_observe(
@@ -4547,7 +4582,8 @@ class Application:
             "smsp_http_request_duration_seconds", (route,), seconds)
         delivery = response.delivery
         self._log.info("access", request_id=request_id, trace_id=TRACE_ID.get(),
-                       method=method[:16], path=path[:200],
+                       client=response.client or peer or None, method=method[:16],
+                       path=path[:200],
                        status=response.status, duration_ms=round(seconds * 1000, 3),
                        provider=response.provider,
                        delivery=None if delivery is None else delivery.value,
@@ -5151,7 +5187,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 keep_alive = "close" not in tokens if keep_alive else "keep-alive" in tokens
             body = _BodyReader(self, headers, version)
             try:
-                response = server.app.handle(Request(method, path, headers, rid, body.read))
+                response = server.app.handle(Request(method, path, headers, rid, body.read,
+                                                     str(self.client_address[0])))
             except (ClientGone, OSError):
                 raise
             except Exception as exc:  # the one catch-all at the request boundary
@@ -5212,7 +5249,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
         if started is not None:
-            server.app.finished(method, path, response, server.clock() - started, rid)
+            server.app.finished(method, path, response, server.clock() - started, rid,
+                                str(self.client_address[0]))
 
 
 class _BodyReader:

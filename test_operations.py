@@ -300,3 +300,33 @@ def test_sighup_rereads_the_client_keys_without_a_restart(tmp_path: Path, worker
 def wait_until(condition: Any, timeout: float = 20.0) -> bool:
     from testkit import wait_for
     return bool(wait_for(condition, timeout))
+
+
+# ---------------------------------------------------------- client addresses ---
+
+PROXIES = (smsp._parse_networks("10.0.0.0/8,127.0.0.1"))
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "client"), [
+    ("203.0.113.7", "198.51.100.1", "203.0.113.7"),  # not a proxy: its header is not believed
+    ("10.0.0.2", "198.51.100.1", "198.51.100.1"),
+    ("10.0.0.2", "6.6.6.6, 198.51.100.1, 10.0.0.3", "198.51.100.1"),  # the client wrote 6.6.6.6
+    ("10.0.0.2", None, "10.0.0.2"),
+    ("10.0.0.2", "10.0.0.9", "10.0.0.9"),  # every hop a proxy: the farthest one
+])
+def test_the_client_is_the_peer_unless_a_trusted_proxy_names_it(
+        peer: str, forwarded: str | None, client: str) -> None:
+    assert smsp.client_address(peer, forwarded, PROXIES) == client
+
+
+def test_the_access_line_names_the_client(mock: Any) -> None:
+    assert mock.send(X_Forwarded_For="198.51.100.1")[0] == 200
+    [access] = mock.lines.events("access", at_least=1)
+    assert access["client"] == "127.0.0.1"  # the peer is no trusted proxy here
+    with running(smsp.load_config({"SMSP_API_KEY": API_KEY, "SMSP_MOCK_EMAIL_SERVICE": "true",
+                                   "SMSP_HOST": "127.0.0.1", "SMSP_PORT": "0",
+                                   "SMSP_TRUSTED_PROXIES": "127.0.0.1"})) as server:
+        assert server.send(X_Forwarded_For="198.51.100.1")[0] == 200
+        assert server.request("GET", "/nowhere")[0] == 404
+        clients = [a["client"] for a in server.lines.events("access", at_least=2)]
+    assert clients == ["198.51.100.1", "127.0.0.1"]

@@ -11,6 +11,7 @@ import ast
 import base64
 import http.client
 import http.server
+import ipaddress
 import json
 import re
 import socket
@@ -113,6 +114,8 @@ GOOD_VALUES = [
     ("SMSP_MAX_ATTACHMENT_BYTES", "0", "max_attachment_bytes", 0),
     ("SMSP_MAX_INFLIGHT_BODY_BYTES", "33554432", "max_inflight_body_bytes", 33554432),
     ("SMSP_HOST", "127.0.0.1", "host", "127.0.0.1"),
+    ("SMSP_TRUSTED_PROXIES", "10.0.0.0/8, ::1", "trusted_proxies",
+     (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))),
     ("SMSP_PORT", "9090", "port", 9090),
     ("SMSP_LOG_OUTPUT_FORMAT", "json_online", "log_format", "JSON_ONELINE"),
     ("SMSP_LOG_OUTPUT_FORMAT", "JSON_PRETTY", "log_format", "JSON_PRETTY"),
@@ -169,7 +172,8 @@ BAD_VALUES = [
     ("SMSP_CLIENT_TIMEOUT", "0"), ("SMSP_SHUTDOWN_GRACE", "-1"), ("SMSP_IDEMPOTENCY_TTL", "0"),
     ("SMSP_IDEMPOTENCY_MAX", "0"), ("SMSP_POOL_SIZE", "-1"), ("SMSP_POOL_IDLE", "0"),
     ("SMSP_WORKERS", "0"), ("SMSP_TLS_CERT", "/nonexistent.pem"),
-    ("SMSP_SES_REGION", "Mars"), ("SMSP_PORT", "65536"), ("SMSP_SMTP_SECURITY", "ssl"),
+    ("SMSP_TRUSTED_PROXIES", "10.0.0.0/33"), ("SMSP_SES_REGION", "Mars"), ("SMSP_PORT", "65536"),
+    ("SMSP_SMTP_SECURITY", "ssl"),
     ("SMSP_SMTP_PORT", "0"), ("SMSP_SMTP_USERNAME", " "),
     ("SMSP_MG_BASE_URL", "https://api.eu.mailgun.net/v3"), ("SMSP_PM_BASE_URL", "https://x/?q"),
     ("SMSP_IDEMPOTENCY_URL", "http://redis:6379"), ("SMSP_IDEMPOTENCY_URL", "redis://:pw@"),

@@ -134,7 +134,7 @@ def env_text(value: Any) -> str:
     if isinstance(value, urllib.parse.SplitResult):  # a tuple too: first
         return value.geturl()
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
