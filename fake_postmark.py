@@ -45,7 +45,6 @@ import base64
 import binascii
 import datetime
 import email.utils
-import json
 import re
 import ssl
 import urllib.parse
@@ -54,6 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fakes import (
+    json_body,
     JSON,
     TEXT,
     Recorded,
@@ -256,10 +256,7 @@ class FakePostmark(_FakeProvider):
                       body={"ErrorCode": code, "Message": message})
 
     def _parse(self, headers: Mapping[str, str], body: bytes) -> Any:
-        try:
-            return json.loads(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
-            return None
+        return json_body(body)
 
     def _strict(self, rec: Recorded) -> _Response:
         problem = self._transport_problem(rec)

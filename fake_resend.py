@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fakes import (
+    json_body,
     JSON,
     _NAMED_ADDRESS,
     Behaviour,
@@ -337,10 +338,7 @@ class FakeResend(_FakeProvider):
     # -- the contract
 
     def _parse(self, headers: Mapping[str, str], body: bytes) -> Any:
-        try:
-            return json.loads(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
-            return None
+        return json_body(body)
 
     def _strict(self, rec: Recorded) -> _Response:
         problem = self._problem(rec)

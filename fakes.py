@@ -441,6 +441,14 @@ def _shutdown_quietly(sock: socket.socket) -> None:
 # ---------------------------------------------------------------- the fakes
 
 
+def json_body(body: bytes) -> Any:
+    """A request body as JSON, None when it is not UTF-8 JSON (the JSON fakes' _parse)."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+        return None
+
+
 class _FakeProvider:
     """Shared state and lifecycle of a fake provider; subclasses supply the HTTP contract.
 
@@ -1185,10 +1193,7 @@ class FakeSendGrid(_FakeProvider):
         super().__init__(ssl_context=ssl_context, keep_alive=keep_alive, max_body=max_body)
 
     def _parse(self, headers: Mapping[str, str], body: bytes) -> Any:
-        try:
-            return json.loads(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError both
-            return None
+        return json_body(body)
 
     def _strict(self, rec: Recorded) -> _Response:
         if len(rec.body) > self.max_body:

@@ -1975,6 +1975,13 @@ def json_document(reply: Reply) -> Any:
         return None
 
 
+def json_field(reply: Reply, name: str) -> str | None:
+    """The string member ``name`` of the reply's JSON object, or None."""
+    document = json_document(reply)
+    value = document.get(name) if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
+
 class HTTPProvider(Provider):
     """A provider reached over HTTP: ``send`` is a template over small hooks.
 
@@ -1987,6 +1994,7 @@ class HTTPProvider(Provider):
 
     statuses: ClassVar[Mapping[int, Outcome]] = HTTP_STATUSES
     codes: ClassVar[Mapping[str, Outcome]] = {}
+    id_field: ClassVar[str] = "id"  # where a success reply's JSON holds the message id
 
     def __init__(self, client: HTTPClient, redact: Callable[[str], str] = str) -> None:
         self.client = client
@@ -2006,7 +2014,11 @@ class HTTPProvider(Provider):
         return reply.body.decode("utf-8", "replace")
 
     def receipt(self, reply: Reply) -> Receipt:
-        raise NotImplementedError
+        """The message id in the success reply's JSON field ``id_field``."""
+        message_id = json_field(reply, self.id_field)
+        if message_id is None:
+            return Receipt(self.name, None, f"HTTP {reply.status} without a JSON {self.id_field}")
+        return Receipt(self.name, message_id)
 
     def send(self, message: Message, deadline: float) -> Receipt:
         request = self.encode(message)
@@ -2130,17 +2142,8 @@ class MailgunProvider(HTTPProvider):
                 for a in message.attachments]
 
     def error_text(self, reply: Reply) -> str:
-        document = json_document(reply)
-        if isinstance(document, dict) and isinstance(document.get("message"), str):
-            return str(document["message"])
-        return super().error_text(reply)
+        return json_field(reply, "message") or super().error_text(reply)
 
-    def receipt(self, reply: Reply) -> Receipt:
-        document = json_document(reply)
-        message_id = document.get("id") if isinstance(document, dict) else None
-        if not isinstance(message_id, str):
-            return Receipt(self.name, None, f"HTTP {reply.status} without a JSON id")
-        return Receipt(self.name, message_id)
 
 
 class SendGridProvider(HTTPProvider):
@@ -2404,6 +2407,7 @@ class SESProvider(HTTPProvider):
     name = "ses"
     path = "/v2/email/outbound-emails"
     max_message_bytes = 40_000_000  # SES v2: 40 MB a message, after base64
+    id_field = "MessageId"
     settings = (
         Setting("SMSP_SES_REGION", "ses_region", _parse_region, "", "AWS region, e.g. eu-west-1",
                 required=True),
@@ -2517,19 +2521,10 @@ class SESProvider(HTTPProvider):
         return kind.rpartition("#")[2] or None
 
     def error_text(self, reply: Reply) -> str:
-        document = json_document(reply)
-        if isinstance(document, dict):
-            text = document.get("message") or document.get("Message")
-            if isinstance(text, str):
-                return f"{self.error_code(reply) or 'error'}: {text}"
-        return super().error_text(reply)
+        text = json_field(reply, "message") or json_field(reply, "Message")
+        return f"{self.error_code(reply) or 'error'}: {text}" if text \
+            else super().error_text(reply)
 
-    def receipt(self, reply: Reply) -> Receipt:
-        document = json_document(reply)
-        message_id = document.get("MessageId") if isinstance(document, dict) else None
-        if not isinstance(message_id, str):
-            return Receipt(self.name, None, f"HTTP {reply.status} without a MessageId")
-        return Receipt(self.name, message_id)
 
 
 POSTMARK_TEST_TOKEN = "POSTMARK_API_TEST"  # Postmark validates such a request, sends nothing
@@ -2545,6 +2540,7 @@ class PostmarkProvider(HTTPProvider):
 
     name = "postmark"
     path = "/email"
+    id_field = "MessageID"
     settings = (
         Setting("SMSP_PM_SERVER_TOKEN", "pm_server_token", _parse_text, "",
                 "Postmark server token", secret=True, required=True),
@@ -2616,17 +2612,10 @@ class PostmarkProvider(HTTPProvider):
         return str(code) if isinstance(code, int) and code else None
 
     def error_text(self, reply: Reply) -> str:
-        document = json_document(reply)
-        if isinstance(document, dict) and isinstance(document.get("Message"), str):
-            return f"ErrorCode {document.get('ErrorCode')}: {document['Message']}"
-        return super().error_text(reply)
+        text = json_field(reply, "Message")
+        return f"ErrorCode {self.error_code(reply)}: {text}" if text \
+            else super().error_text(reply)
 
-    def receipt(self, reply: Reply) -> Receipt:
-        document = json_document(reply)
-        message_id = document.get("MessageID") if isinstance(document, dict) else None
-        if not isinstance(message_id, str):
-            return Receipt(self.name, None, f"HTTP {reply.status} without a MessageID")
-        return Receipt(self.name, message_id)
 
 
 RESEND_TEST_ADDRESS = "delivered@resend.dev"  # Resend's test inbox: accepted, not delivered
@@ -2703,22 +2692,13 @@ class ResendProvider(HTTPProvider):
         return dataclasses.replace(poll, to=(Address(RESEND_TEST_ADDRESS),)) if sandbox else poll
 
     def error_code(self, reply: Reply) -> str | None:
-        document = json_document(reply)
-        name = document.get("name") if isinstance(document, dict) else None
-        return name if isinstance(name, str) else None
+        return json_field(reply, "name")
 
     def error_text(self, reply: Reply) -> str:
-        document = json_document(reply)
-        if isinstance(document, dict) and isinstance(document.get("message"), str):
-            return f"{document.get('name', 'error')}: {document['message']}"
-        return super().error_text(reply)
+        text = json_field(reply, "message")
+        return f"{self.error_code(reply) or 'error'}: {text}" if text \
+            else super().error_text(reply)
 
-    def receipt(self, reply: Reply) -> Receipt:
-        document = json_document(reply)
-        message_id = document.get("id") if isinstance(document, dict) else None
-        if not isinstance(message_id, str):
-            return Receipt(self.name, None, f"HTTP {reply.status} without an id")
-        return Receipt(self.name, message_id)
 class SMTPProvider(Provider):
     """Any SMTP submission relay, through ``smtplib``, one connection per message.
 

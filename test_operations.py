@@ -252,6 +252,8 @@ def _env_of(config: smsp.Config) -> dict[str, str]:
     env = {row.env: env_text(config.value(row.field)) for row in smsp.SETTINGS
            if config.value(row.field) is not None}
     for name in config.active_providers:
+        if name not in smsp.PROVIDERS:  # the mock has no settings
+            continue
         cls = smsp.PROVIDERS[name]
         env.update({row.env: env_text(config.provider_settings[name][row.field])
                     for row in cls.settings})
@@ -330,3 +332,38 @@ def test_the_access_line_names_the_client(mock: Any) -> None:
         assert server.request("GET", "/nowhere")[0] == 404
         clients = [a["client"] for a in server.lines.events("access", at_least=2)]
     assert clients == ["198.51.100.1", "127.0.0.1"]
+
+
+def test_sighup_rereads_the_tls_certificate_for_new_handshakes(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    from testkit import make_certificate, make_config
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = make_certificate(tmp_path / "a"), make_certificate(tmp_path / "b")
+    live = (str(tmp_path / "live.pem"), str(tmp_path / "live.key"))
+    shutil.copy(first[0], live[0])
+    shutil.copy(first[1], live[1])
+
+    def served_certificate(port: int) -> bytes:
+        context = ssl.create_default_context(cafile=first[0])
+        context.load_verify_locations(second[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+    def der_of(pem: str) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(Path(pem).read_text())
+
+    config = make_config(tls_cert=live[0], tls_key=live[1])
+    with running(config) as server:
+        assert served_certificate(server.port) == der_of(first[0])
+        shutil.copy(second[0], live[0])
+        shutil.copy(second[1], live[1])
+        smsp._reload(server.service, server.server, _env_of(config))
+        assert served_certificate(server.port) == der_of(second[0])
+        assert server.lines.events("reloaded", at_least=1)

@@ -37,10 +37,15 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def between(text: str, begin: str, end: str, content: str) -> str:
+    """``text`` with what stands between the markers ``begin`` and ``end`` replaced."""
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{content}\n{end}{tail}"
+
+
 def readme_with_table(text: str) -> str:
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+    return between(text, BEGIN, END, table())
 
 
 if __name__ == "__main__":
