@@ -26,6 +26,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,11 +40,6 @@ BINARIES = ("redis-server", "valkey-server")
 def available(binary: str) -> bool:
     return shutil.which(binary) is not None
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class AdminError(Exception):
@@ -114,6 +110,13 @@ class Admin:
         self._sock = self._file = None
 
 
+def _free_port() -> int:
+    # Not testkit's: the bench imports this module without the test dependencies.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class RedisServer:
     """One server process; ``start()`` again after ``kill()`` keeps the port and password."""
 
@@ -171,7 +174,7 @@ class RedisServer:
         """Start on the port of the last run, or on a free one (retried if it is taken)."""
         for _ in range(5):
             fixed = self.port != 0
-            self.port = self.port or free_port()
+            self.port = self.port or _free_port()
             (self.dir / "server.conf").write_text(self._config())
             self.proc = subprocess.Popen([self.binary, str(self.dir / "server.conf")],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

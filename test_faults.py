@@ -11,22 +11,18 @@ The graceful-shutdown tests start the real ``python smsp.py`` as a subprocess.
 """
 
 import base64
-import ctypes
 import dataclasses
 import http.client
 import json
-import os
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,14 +49,15 @@ from testkit import (
     EMAIL,
     MG_DOMAIN,
     MG_KEY,
-    POLL,
     SG_KEY,
-    Running,
+    mailgun_env,
     make_config,
     peers_config,
     provider_config,
     raw_exchange,
     running,
+    Running,
+    smsp_process,
     status_of,
     wait_for,
 )
@@ -68,7 +65,6 @@ from testkit import (
 TIMEOUT = 0.5  # SMSP_TIMEOUT of the in-process server: small, so the suite stays fast
 LATE = TIMEOUT + 0.3  # a provider delay that is surely past the deadline
 BOUND = TIMEOUT + 0.5  # every request must have finished within this
-SMSP = Path(smsp.__file__).resolve()
 
 
 def timed_send(server: Running, email: dict[str, Any] | None = None, **headers: str
@@ -610,97 +606,6 @@ def test_twenty_megabyte_body_gets_413_before_it_is_sent() -> None:
 
 
 # ================================================= graceful shutdown (real) ===
-
-
-class Process:
-    """``python smsp.py`` in real mode on a free port; its log lines as parsed JSON."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("SMSP_")}
-        base.update({"SMSP_API_KEY": API_KEY, "SMSP_LOG_OUTPUT_FORMAT": "JSON_ONELINE"})
-        base.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SMSP), "--host", "127.0.0.1", "--port", "0"], env=base,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=SMSP.parent,
-            start_new_session=True)  # its workers too are killed by close()
-        self.lines: list[dict[str, Any]] = []
-        self.text: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        started = self.wait_for("started")[0]  # with SMSP_WORKERS, each worker logs one
-        self.port = int(started["address"].rsplit(":", 1)[1])
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            with self._cond:
-                self.text.append(line)
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
-                self._cond.notify_all()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [r for r in self.lines if r.get("event") == name]
-
-    def wait_for(self, name: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-        with self._cond:
-            found = self._cond.wait_for(lambda: self.events(name), timeout)
-        assert found, f"no {name!r} line in {''.join(self.text)!r}"
-        return self.events(name)
-
-    def threads(self) -> list[int]:
-        """The process's thread ids, the main thread (tid == pid) first."""
-        tids = sorted(int(tid) for tid in os.listdir(f"/proc/{self.proc.pid}/task"))
-        return sorted(tids, key=lambda tid: tid != self.proc.pid)
-
-    def blocked_signals(self, tid: int) -> set[int]:
-        with open(f"/proc/{self.proc.pid}/task/{tid}/status") as status:
-            line = next(line for line in status if line.startswith("SigBlk:"))
-        mask = int(line.split()[1], 16)
-        return {number for number in range(1, 65) if mask >> (number - 1) & 1}
-
-    def terminate(self, tid: int | None = None) -> float:
-        """SIGTERM to the process (the kernel picks the thread that takes it), or to the
-        thread ``tid`` (as the kernel may pick any thread that does not block it)."""
-        if tid is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return time.monotonic()
-        tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
-        if tgkill is None:
-            pytest.skip("needs glibc's tgkill()")
-        if tgkill(self.proc.pid, tid, signal.SIGTERM) != 0:
-            raise OSError(ctypes.get_errno(), "tgkill failed")
-        return time.monotonic()
-
-    def close(self) -> None:
-        try:  # the whole group: a worker left alive would hold stdout open for ever
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        self._reader.join(5)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-
-@contextmanager
-def smsp_process(**env: str) -> Iterator[Process]:
-    process = Process(env)
-    try:
-        yield process
-    finally:
-        process.close()
-
-
-def mailgun_env(mailgun: FakeMailgun, **env: str) -> dict[str, str]:
-    return {"SMSP_PROVIDERS": "mailgun", "SMSP_MG_DOMAIN": MG_DOMAIN, "SMSP_MG_API_KEY": MG_KEY,
-            "SMSP_MG_BASE_URL": mailgun.url, "SMSP_POLL_MESSAGE_ADDRESS": POLL,
-            "SMSP_TIMEOUT": "5", **env}
 
 
 def post_email(port: int, results: list[Any]) -> None:

@@ -34,6 +34,7 @@ from fakes import FakeMailgun
 from testkit import (
     API_KEY,
     EMAIL,
+    free_port,
     make_certificate,
     make_config,
     raw_exchange,
@@ -64,11 +65,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
 def body_of(raw: bytes) -> dict[str, Any]:
     return json.loads(raw.partition(b"\r\n\r\n")[2])
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- TLS ---

@@ -265,7 +265,7 @@ def test_sighup_rereads_the_client_keys_without_a_restart(tmp_path: Path, worker
     import http.client
     import signal
 
-    from test_faults import smsp_process
+    from testkit import smsp_process
 
     keys = tmp_path / "keys"
     keys.write_text("old-key\n")

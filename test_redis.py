@@ -28,17 +28,18 @@ import pytest
 import smsp
 from conftest import SERVER_KINDS, STORE_KINDS, shared_server
 from fakes import Delay, FakeMailgun, Hang
-from redis_server import ACL_RULES, RedisServer, free_port
-from test_faults import Process, mailgun_env, smsp_process
+from redis_server import ACL_RULES, RedisServer
+from testkit import Process, mailgun_env, smsp_process
 from testkit import (
     API_KEY,
     EMAIL,
     MG_DOMAIN,
     MG_KEY,
     FakeClock,
-    Running,
+    free_port,
     make_config,
     running,
+    Running,
     wait_for,
 )
 

@@ -35,12 +35,13 @@ from testkit import (
     SG_KEY,
     FakeClock,
     FakeTimers,
+    free_port,
     Lines,
-    Running,
     make_config,
     provider_config,
     raw_exchange,
     running,
+    Running,
     status_of,
     wait_for,
 )
@@ -1381,11 +1382,6 @@ def test_a_bad_certificate_stops_start_up_with_status_2(tmp_path: Any) -> None:
 
 # ------------------------------------------------------- worker supervisor ---
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children_of(pid: int) -> set[int]:
