@@ -4466,6 +4466,8 @@ def client_address(peer: str, forwarded: str | None,
     """Who sent a request: the peer, unless the peer is a trusted proxy; then the
     rightmost X-Forwarded-For address that is not a trusted proxy itself (the
     entries left of it could have been written by the client)."""
+    if not proxies:  # the usual case: no parsing at all
+        return peer
     hops = [hop.strip() for hop in reversed((forwarded or "").split(",")) if hop.strip()]
     chain = [peer, *hops]
     for hop in chain:
