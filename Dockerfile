@@ -33,7 +33,7 @@ COPY --chmod=0644 smsp.py /app/smsp.py
 # them all again. smsp's own is checked against the source by hash at every
 # start: a smsp.py mounted over this one is compiled afresh, never run stale.
 # Started as a module (CMD below), smsp runs from this bytecode and idles at
-# about 24 MB instead of 30: CPython keeps the syntax tree of a script run as
+# 24.5 MB instead of 37.0 (docs/benchmark.md): CPython keeps the syntax tree of a script run as
 # `python smsp.py` (6 MB for this file) for as long as the script runs.
 RUN python -m compileall -q --invalidation-mode checked-hash /app/smsp.py \
     && python -c "import smsp"

@@ -4563,6 +4563,8 @@ class Application:
                                          str(response.status)),
             "smsp_http_request_duration_seconds", (route,), seconds)
         delivery = response.delivery
+        if delivery is not None:  # what the client was told of its mail, for the alerts
+            self.metrics.inc("smsp_deliveries_total", delivery.value)
         self._log.info("access", request_id=request_id, trace_id=TRACE_ID.get(),
                        client=response.client or peer or None, method=method[:16],
                        path=path[:200],
@@ -5396,6 +5398,7 @@ class Server(http.server.ThreadingHTTPServer):
                 pass
         self.shutdown_request(request)
         self.app.metrics.inc("smsp_http_requests_total", "other", "other", "503")
+        self.app.metrics.inc("smsp_deliveries_total", Delivery.NOT_SENT.value)
         self.log.warning("overloaded", request_id=rid, connections=self.max_connections)
 
     def track(self, conn: _Connection) -> None:

@@ -367,3 +367,14 @@ def test_sighup_rereads_the_tls_certificate_for_new_handshakes(tmp_path: Path) -
         smsp._reload(server.service, server.server, _env_of(config))
         assert served_certificate(server.port) == der_of(second[0])
         assert server.lines.events("reloaded", at_least=1)
+
+
+def test_deliveries_count_what_clients_were_told(mock: Any) -> None:
+    from test_smsp import scrape
+    assert mock.send()[0] == 200
+    assert mock.send({**_email(), "subject": "fail"})[0] == 502
+    assert mock.send({**_email(), "subject": "fail"})[0] == 503  # every circuit open
+    samples = scrape(mock)
+    counted = {dict(labels)["delivery"]: value for (name, labels), value in samples.items()
+               if name == "smsp_deliveries_total"}
+    assert counted == {"sent": 1, "not_sent": 2}
