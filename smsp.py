@@ -4181,6 +4181,10 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_PARSE_REASONS = {400: "bad_request", 413: "body_too_large", 414: "request_line_too_long",
+                  431: "head_too_large", 505: "http_version_not_supported"}
+
+
 class HTTPError(SmspError):
     """A request the parser refuses, with the status http.server would give it."""
 
@@ -5178,15 +5182,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except Exception as exc:  # the one catch-all at the request boundary
                 server.log.error("internal_error", request_id=rid, error=type(exc).__name__,
                                  where=_traceback_summary(exc))
-                response = error_response(500, "internal error", rid, close=True)
+                response = error_response(500, "internal error", rid, close=True,
+                                          reason="internal_error")
         except HTTPError as exc:
             rid = rid or server.ids()
-            self._answer(error_response(exc.status, exc.message, rid), rid, method, path, started)
+            self._answer(error_response(exc.status, exc.message, rid,
+                                        reason=_PARSE_REASONS.get(exc.status, "bad_request")),
+                         rid, method, path, started)
             return
         except (ClientGone, OSError):
             if self.conn.expired:  # out of time mid-request: say so, then close
                 rid = rid or server.ids()
-                self._answer(error_response(408, "request not received in time", rid), rid,
+                self._answer(error_response(408, "request not received in time", rid,
+                                            reason="client_timeout"), rid,
                              method, path, started)
             return
         keep_alive = keep_alive and not response.close and not body.pending \

@@ -378,3 +378,20 @@ def test_deliveries_count_what_clients_were_told(mock: Any) -> None:
     counted = {dict(labels)["delivery"]: value for (name, labels), value in samples.items()
                if name == "smsp_deliveries_total"}
     assert counted == {"sent": 1, "not_sent": 2}
+
+
+@pytest.mark.parametrize(("raw", "status", "reason"), [
+    (b"GET /healthcheck HTTP/1.1\r\n\r\n", 400, "bad_request"),  # no Host
+    (b"GET /healthcheck HTTP/1.2\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    (b"GET /healthcheck HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431,
+     "head_too_large"),
+    (b"POST /email HTTP/1.1\r\nHost: x\r\nX-API-KEY: " + API_KEY.encode() +
+     b"\r\nContent-Length: 10\r\n\r\n{", 408, "client_timeout"),
+])
+def test_refusals_of_the_http_layer_carry_a_reason_too(raw: bytes, status: int, reason: str
+                                                       ) -> None:
+    from testkit import make_config, raw_exchange, status_of
+    with running(make_config(client_timeout=0.5)) as server:
+        assert status_of(raw_exchange(server.port, raw)) == status
+        [access] = server.lines.events("access", at_least=1)
+    assert (access["status"], access["reason"]) == (status, reason)
