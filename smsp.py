@@ -350,7 +350,7 @@ _ADDR_SHAPE = (rf"{_ATEXT}+(?:\.{_ATEXT}+)*@"
 _ADDR = rf"(?![^@]{{{MAX_LOCAL_PART + 1}}}){_ADDR_SHAPE}"
 _NAME = r'[^\x00-\x1f\x7f-\x9f\u2028\u2029<>",;\\]*'
 # A quoted display name (RFC 5322 quoted-string): any printable text, " and \ escaped.
-_QUOTED = r'\s*"(?:[^"\\\x00-\x1f\x7f-\x9f\u2028\u2029]|\\[^\x00-\x1f\x7f-\x9f\u2028\u2029])*"\s*'
+_QUOTED = r' *"(?:[^"\\\x00-\x1f\x7f-\x9f\u2028\u2029]|\\[^\x00-\x1f\x7f-\x9f\u2028\u2029])*" *'
 # The OpenAPI document publishes this very pattern, so the fuzzer and we agree.
 ADDRESS_PATTERN = (rf"^(?:(?!.{{{MAX_ADDRESS + 1}}}){_ADDR}"
                    rf"|(?:{_NAME}|{_QUOTED})<(?![^>]{{{MAX_ADDRESS + 1}}}){_ADDR}>)$")
