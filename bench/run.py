@@ -7,7 +7,7 @@ Usage::
     python bench/run.py --duration 20 --repeat 3 --scenarios 1,4
 
 Needs ``wrk`` (``apt-get install wrk``), for scenario 2 the ``openssl`` command
-and for scenario 5 ``redis-server``; it installs nothing. All traffic stays on
+and for scenario 6 ``redis-server``; it installs nothing. All traffic stays on
 127.0.0.1. It starts every server itself (smsp.py, bench/bare_server.py,
 bench/tls_fake_mailgun.py, redis-server) on free ports, drives them with wrk and
 bench/post.lua (POST /email with a fixed JSON body, keep-alive), and always
