@@ -4984,6 +4984,14 @@ def _schemas() -> dict[str, Any]:
 # -------------------------------------------------- HTTP handler and server ---
 
 
+def _keep_alive(connection: str | None, version: tuple[int, int]) -> bool:
+    """Whether the client wants the connection kept: HTTP/1.1 unless ``close``."""
+    if connection is None:
+        return version >= (1, 1)
+    tokens = {t.strip() for t in connection.lower().split(",")}
+    return "close" not in tokens if version >= (1, 1) else "keep-alive" in tokens
+
+
 class _Connection(Deadline):
     """A client connection's budget, and what the drain needs to know of it.
 
@@ -5168,11 +5176,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             method, path, version, headers = self._read_head(line)
             given = headers.get("x-request-id")
             rid = given if given and _REQUEST_ID_RE.fullmatch(given) else server.ids()
-            connection = headers.get("connection")
-            keep_alive = version >= (1, 1)
-            if connection is not None:
-                tokens = {t.strip() for t in connection.lower().split(",")}
-                keep_alive = "close" not in tokens if keep_alive else "keep-alive" in tokens
+            keep_alive = _keep_alive(headers.get("connection"), version)
             body = _BodyReader(self, headers, version)
             try:
                 response = server.app.handle(Request(method, path, headers, rid, body.read,
