@@ -123,19 +123,26 @@ def test_a_failed_poll_is_logged_at_the_first_failure_and_on_each_change_only(
                                (("provider", "mailgun"), ("result", "failure")))] == 4
 
 
+def access_by_id(server: Any, count: int) -> dict[str, dict[str, Any]]:
+    """The access lines by request id: a line is written just after its answer, so two
+    requests' lines may come in either order."""
+    return {a["request_id"]: a for a in server.lines.events("access", at_least=count)}
+
+
 def test_error_access_lines_carry_a_stable_reason(mock: Any) -> None:
-    assert mock.send(X_API_KEY="wrong")[0] == 401
-    assert mock.send({"toaddress": "x@example.com"})[0] == 400
-    assert mock.send({**_email(), "subject": "fail"})[0] == 502
-    reasons = [a.get("reason") for a in mock.lines.events("access", at_least=3)]
-    assert reasons == ["bad_key", "invalid_field", "provider_failed"]
+    assert mock.send(X_API_KEY="wrong", X_Request_Id="r1")[0] == 401
+    assert mock.send({"toaddress": "x@example.com"}, X_Request_Id="r2")[0] == 400
+    assert mock.send({**_email(), "subject": "fail"}, X_Request_Id="r3")[0] == 502
+    access = access_by_id(mock, 3)
+    assert [access[rid].get("reason") for rid in ("r1", "r2", "r3")] == \
+        ["bad_key", "invalid_field", "provider_failed"]
 
 
 def test_a_replayed_answer_says_so_in_the_access_line(mock: Any) -> None:
-    assert mock.send(Idempotency_Key="k-1")[0] == 200
-    assert mock.send(Idempotency_Key="k-1")[0] == 200
-    access = mock.lines.events("access", at_least=2)
-    assert [a.get("replayed") for a in access] == [None, True]
+    assert mock.send(Idempotency_Key="k-1", X_Request_Id="first")[0] == 200
+    assert mock.send(Idempotency_Key="k-1", X_Request_Id="again")[0] == 200
+    access = access_by_id(mock, 2)
+    assert [access[rid].get("replayed") for rid in ("first", "again")] == [None, True]
 
 
 def _email() -> dict[str, str]:
@@ -211,10 +218,11 @@ def test_the_trace_id_reaches_the_access_line_and_the_provider_events(
         mailgun: FakeMailgun, sendgrid: FakeSendGrid) -> None:
     mailgun.script(Status(500))
     with running(provider_config(mailgun, sendgrid, log_debug=True)) as server:
-        assert server.send(traceparent=f"00-{TRACE}-00f067aa0ba902b7-01")[0] == 200
-        assert server.send()[0] == 200
-        access = server.lines.events("access", at_least=2)
-        assert [a.get("trace_id") for a in access] == [TRACE, None]
+        assert server.send(traceparent=f"00-{TRACE}-00f067aa0ba902b7-01",
+                           X_Request_Id="traced")[0] == 200
+        assert server.send(X_Request_Id="plain")[0] == 200
+        access = access_by_id(server, 2)
+        assert [access[rid].get("trace_id") for rid in ("traced", "plain")] == [TRACE, None]
         attempts = server.lines.events("provider_attempt", at_least=3)
         assert [a.get("trace_id") for a in attempts] == [TRACE, TRACE, None]
         assert server.lines.events("failover")[0]["trace_id"] == TRACE
@@ -328,10 +336,11 @@ def test_the_access_line_names_the_client(mock: Any) -> None:
     with running(smsp.load_config({"SMSP_API_KEY": API_KEY, "SMSP_MOCK_EMAIL_SERVICE": "true",
                                    "SMSP_HOST": "127.0.0.1", "SMSP_PORT": "0",
                                    "SMSP_TRUSTED_PROXIES": "127.0.0.1"})) as server:
-        assert server.send(X_Forwarded_For="198.51.100.1")[0] == 200
-        assert server.request("GET", "/nowhere")[0] == 404
-        clients = [a["client"] for a in server.lines.events("access", at_least=2)]
-    assert clients == ["198.51.100.1", "127.0.0.1"]
+        assert server.send(X_Forwarded_For="198.51.100.1", X_Request_Id="proxied")[0] == 200
+        assert server.request("GET", "/nowhere", headers={"X-Request-Id": "direct"})[0] == 404
+        access = access_by_id(server, 2)
+    assert [access[rid]["client"] for rid in ("proxied", "direct")] == \
+        ["198.51.100.1", "127.0.0.1"]
 
 
 def test_sighup_rereads_the_tls_certificate_for_new_handshakes(tmp_path: Path) -> None:
@@ -374,6 +383,7 @@ def test_deliveries_count_what_clients_were_told(mock: Any) -> None:
     assert mock.send()[0] == 200
     assert mock.send({**_email(), "subject": "fail"})[0] == 502
     assert mock.send({**_email(), "subject": "fail"})[0] == 503  # every circuit open
+    mock.lines.events("access", at_least=3)  # counted just before each access line
     samples = scrape(mock)
     counted = {dict(labels)["delivery"]: value for (name, labels), value in samples.items()
                if name == "smsp_deliveries_total"}
