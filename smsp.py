@@ -3409,14 +3409,14 @@ class Dispatcher:
              before_attempt: Callable[[str], bool] | None = None,
              only: str | None = None) -> Receipt:
         failed: str | None = None
-        skipped: list[str] = []
+        skipped: dict[str, str] = {}  # provider name -> why it cannot carry the message
         for lane in self.lanes:
             name = lane.provider.name
             if only is not None and name != only:
                 continue
             cannot = lane.provider.cannot_carry(message)
             if cannot is not None:
-                skipped.append(f"{name}: {cannot}")
+                skipped[name] = cannot
                 self._skipped(name, cannot, request_id)
                 continue
             generation = lane.breaker.acquire()
@@ -3460,12 +3460,11 @@ class Dispatcher:
         self._attempted(name, error.outcome, started, request_id, message, error.reason)
         return error
 
-    def _nothing_tried(self, skipped: list[str]) -> DeliveryFailed:
-        carriers = [lane for lane in self.lanes if not any(
-            s.startswith(f"{lane.provider.name}: ") for s in skipped)]
+    def _nothing_tried(self, skipped: dict[str, str]) -> DeliveryFailed:
+        carriers = [lane for lane in self.lanes if lane.provider.name not in skipped]
         if skipped and not carriers:
             return DeliveryFailed(Failure.UNCARRIABLE, Outcome.REJECTED,
-                                  detail="; ".join(skipped))
+                                  detail="; ".join(f"{n}: {why}" for n, why in skipped.items()))
         waits = [w for w in (lane.breaker.retry_after() for lane in carriers) if w is not None]
         return DeliveryFailed(Failure.ALL_CIRCUITS_OPEN, Outcome.NOT_SENT,
                               retry_after=max(1, math.ceil(min(waits, default=1.0))))
