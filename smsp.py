@@ -120,7 +120,12 @@ IDEMPOTENCY_LEASE = 5.0  # seconds a shared-store claim holds a key before its f
 
 
 class Outcome(enum.Enum):
-    """What one provider attempt did to the message (the metrics label too)."""
+    """What one provider attempt did to the message (the metrics label too).
+
+    Code run for every request reads a member's ``_value_`` (the attribute
+    that holds it): in Python 3.11 ``.value`` is a property written in
+    Python, two calls each time.  Delivery below is read the same way.
+    """
 
     SENT = "sent"  # a provider accepted it
     REJECTED = "rejected"  # the provider says the message itself is bad: not sent
@@ -941,11 +946,13 @@ class LineWriter:
             thread.join(self._grace if grace is None else grace)
 
 
+# Printable ASCII but " and \: text that is its own JSON string body.
+_plain_json = re.compile(r'[ !#-\[\]-~]*').fullmatch
+
+
 def _json_text(value: str) -> str:
     """A JSON string literal, without the json module in the common plain case."""
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    return json.dumps(value)
+    return f'"{value}"' if _plain_json(value) else json.dumps(value)
 
 
 _DEBUG_QUOTE_RE = re.compile(r'[\s"=\\]')
@@ -1010,27 +1017,25 @@ class Logger:
         self._second = -1
         self._stamp = ""
 
-    def _time(self) -> str:
-        now = self._wallclock()
-        second = int(now)
-        if second != self._second:  # a benign race: both threads compute the same text
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
-
     def log(self, level: Level, event: str, **fields: Any) -> None:
         if level >= self._min:
             self._write(self._line(level, event, fields))
 
     def _line(self, level: Level, event: str, fields: dict[str, Any]) -> str:
-        stamp = self._time()
-        if self._fmt == "JSON_ONELINE":  # by hand: this runs for every request
+        now = self._wallclock()
+        second = int(now)
+        if second != self._second:  # a benign race: both threads compute the same text
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        stamp = f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+        if self._fmt == "JSON_ONELINE":  # by hand, without calls: this runs for every request
             out = [f'{{"time":"{stamp}","level":"{_LEVEL_NAMES[level]}","event":"{event}"'
                    f'{self._json_tail}']
             for key, value in fields.items():
                 kind = type(value)
                 if kind is str:
-                    out.append(f',"{key}":{_json_text(value)}')
+                    out.append(f',"{key}":"{value}"' if _plain_json(value)
+                               else f',"{key}":{json.dumps(value)}')
                 elif kind is int or (kind is float and math.isfinite(value)):
                     out.append(f',"{key}":{value!r}')
                 elif value is not None:
@@ -1066,8 +1071,9 @@ class Logger:
         if self.debug_enabled:
             self.log(Level.DEBUG, event, **fields)
 
-    def info(self, event: str, **fields: Any) -> None:
-        self.log(Level.INFO, event, **fields)
+    def info(self, event: str, **fields: Any) -> None:  # once per request: no log() between
+        if Level.INFO >= self._min:
+            self._write(self._line(Level.INFO, event, fields))
 
     def warning(self, event: str, **fields: Any) -> None:
         self.log(Level.WARNING, event, **fields)
@@ -1244,7 +1250,8 @@ def _parse_body(field: str, value: Any, limits: Limits) -> str:
         raise ValidationError(field, "must be a string")
     if "\x00" in value:
         raise ValidationError(field, "must not contain NUL characters")
-    _check_text(field, value)
+    if not value.isascii():
+        _check_text(field, value)
     return value
 
 
@@ -1432,6 +1439,8 @@ def _parse_metadata(field: str, value: Any, limits: Limits) -> tuple[tuple[str, 
 
 def _check_recipients(message: Message) -> None:
     """No address twice (case and display names aside), and MAX_RECIPIENTS in all."""
+    if not (message.cc or message.bcc or len(message.to) > 1):
+        return  # one recipient: nothing to compare (the usual message)
     seen: dict[str, str] = {}
     for field, addresses in (("toaddress", message.to), ("ccaddress", message.cc),
                              ("bccaddress", message.bcc)):
@@ -1636,17 +1645,17 @@ class Metrics:
             self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, name: str, value: float, *labels: str) -> None:
-        self.count_and_observe(None, (), name, labels, value)
+        self.count_and_observe((), name, labels, value)
 
-    def count_and_observe(self, counter: str | None, counter_labels: tuple[str, ...],
+    def count_and_observe(self, counters: Iterable[tuple[str, tuple[str, ...]]],
                           histogram: str, histogram_labels: tuple[str, ...],
                           value: float) -> None:
-        """Increment a counter and observe a histogram under one lock (once per request)."""
+        """Increment counters (name, labels) by one and observe a histogram, under one
+        lock: a request's accounting takes it once."""
         slot = bisect.bisect_left(DURATION_BUCKETS, value)  # len(DURATION_BUCKETS): +Inf only
         key = (histogram, histogram_labels)
         with self._lock:
-            if counter is not None:
-                counted = (counter, counter_labels)
+            for counted in counters:
                 self._counters[counted] = self._counters.get(counted, 0) + 1
             entry = self._histograms.get(key)
             if entry is None:
@@ -3472,9 +3481,9 @@ class Dispatcher:
     def _attempted(self, name: str, outcome: Outcome, started: float, request_id: str | None,
                    message: Message, reason: str | None = None) -> None:
         elapsed = self._clock() - started
-        self._metrics.count_and_observe("smsp_provider_attempts_total", (name, outcome.value),
-                                        "smsp_provider_attempt_duration_seconds", (name,),
-                                        elapsed)
+        self._metrics.count_and_observe(
+            (("smsp_provider_attempts_total", (name, outcome._value_)),),
+            "smsp_provider_attempt_duration_seconds", (name,), elapsed)
         if self._log.debug_enabled:
             self._log.debug("provider_attempt", request_id=request_id,
                             trace_id=TRACE_ID.get(), provider=name,
@@ -4149,7 +4158,7 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     def _count(self, operation: str, result: str, started: float) -> None:
         self._metrics.count_and_observe(
-            "smsp_idempotency_store_operations_total", (operation, result),
+            (("smsp_idempotency_store_operations_total", (operation, result)),),
             "smsp_idempotency_store_duration_seconds", (operation,), self._clock() - started)
 
     def _probe_soon(self) -> None:
@@ -4356,7 +4365,8 @@ def response_head(response: Response, request_id: str, date: str, *, keep_alive:
     if response.content_type is not None:
         parts.append(f"Content-Type: {response.content_type}\r\n"
                      f"Content-Length: {len(response.body)}\r\n")
-    parts.extend(f"{name}: {value}\r\n" for name, value in response.headers)
+    if response.headers:
+        parts.extend(f"{name}: {value}\r\n" for name, value in response.headers)
     if not keep_alive:
         parts.append("Connection: close\r\n")
     elif http10:
@@ -4534,7 +4544,8 @@ class Application:
         self._key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
 
     def handle(self, request: Request) -> Response:
-        TRACE_ID.set(trace_id_of(request.headers.get("traceparent")))  # until finished()
+        traceparent = request.headers.get("traceparent")
+        TRACE_ID.set(None if traceparent is None else trace_id_of(traceparent))  # to finished()
         endpoint = _ENDPOINT_AT.get(request.path)
         allowed = endpoint.methods if endpoint is not None else ("GET", "HEAD", "POST")
         if request.method == "OPTIONS":
@@ -4553,27 +4564,25 @@ class Application:
                                   reason="method_not_allowed")
         answer: Callable[[Request], Response] = getattr(self, endpoint.handler)
         response = answer(request)
-        response.client = client_address(request.peer, request.headers.get("x-forwarded-for"),
-                                         self._proxies)
+        response.client = request.peer if not self._proxies else client_address(
+            request.peer, request.headers.get("x-forwarded-for"), self._proxies)
         return response
 
     def finished(self, method: str, path: str, response: Response, seconds: float,
                  request_id: str, peer: str = "") -> None:
         """Account for an answered request: metrics and the access line."""
         route = path if path in _ENDPOINT_AT else "other"
-        self.metrics.count_and_observe(
-            "smsp_http_requests_total", (method if method in METHODS else "other", route,
-                                         str(response.status)),
+        counted = ("smsp_http_requests_total", (method if method in METHODS else "other",
+                                                route, str(response.status)))
+        delivery = None if response.delivery is None else response.delivery._value_
+        self.metrics.count_and_observe(  # with what the client was told of its mail
+            (counted,) if delivery is None else (counted, ("smsp_deliveries_total", (delivery,))),
             "smsp_http_request_duration_seconds", (route,), seconds)
-        delivery = response.delivery
-        if delivery is not None:  # what the client was told of its mail, for the alerts
-            self.metrics.inc("smsp_deliveries_total", delivery.value)
         self._log.info("access", request_id=request_id, trace_id=TRACE_ID.get(),
                        client=response.client or peer or None, method=method[:16],
                        path=path[:200],
                        status=response.status, duration_ms=round(seconds * 1000, 3),
-                       provider=response.provider,
-                       delivery=None if delivery is None else delivery.value,
+                       provider=response.provider, delivery=delivery,
                        reason=response.reason, replayed=response.replayed or None)
         TRACE_ID.set(None)
 
@@ -4603,7 +4612,8 @@ class Application:
             return error_response(413, f"body larger than {self._max_body} bytes", rid,
                                   reason="body_too_large")
         content_type = headers.get("content-type")
-        if content_type is not None and not _is_json_type(content_type):
+        if content_type is not None and content_type != JSON_TYPE and \
+                not _is_json_type(content_type):
             return error_response(415, "Content-Type must be application/json (with curl, add "
                                        "-H 'Content-Type: application/json')", rid,
                                   reason="unsupported_media_type")
@@ -5099,8 +5109,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server.track(self.conn)
         self.tls_failed = context is not None and not self._handshake(context)
         super().setup()
-        if context is not None and not self.tls_failed:
-            self.rfile.close()
+        self.rfile.close()  # socket.makefile's raw stream is Python code run for every read
+        if context is None:  # reads in C: a blocking socket's file descriptor, left open
+            self.rfile = io.BufferedReader(io.FileIO(self.request.fileno(), "rb",
+                                                     closefd=False))
+        elif not self.tls_failed:
             self.rfile = io.BufferedReader(_TLSReader(self.request, self.conn, server.clock,
                                                       server.client_timeout))
 
@@ -5229,7 +5242,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.watchdog.watch(conn)
         if conn.tls:
             self.request.settimeout(max(0.001, deadline - self.server.clock()))
-        self.wfile.write(data)
+        self.request.sendall(data)  # the whole answer in one call: wfile would add a frame
 
     def _answer(self, response: Response, rid: str, method: str = "-", path: str = "-",
                 started: float | None = None, *, keep_alive: bool = False,
