@@ -712,6 +712,40 @@ def test_json_oneline_log_line_has_the_documented_fields() -> None:
     assert lines[0].count("\n") == 1
 
 
+ACCESS_VALUES = {  # each optional field absent, plain, or needing escapes
+    "trace_id": [None, "4bf92f3577b34da6a3ce929d0e0e4736"],
+    "client": [None, "127.0.0.1", 'proxy "x"'],
+    "provider": [None, "mock"], "delivery": [None, "sent", "not_sent"],
+    "reason": [None, "bad_key"], "replayed": [False, True],
+}
+
+
+@pytest.mark.parametrize("fmt", ["JSON_ONELINE", "DEBUG", "JSON_PRETTY"])
+@pytest.mark.parametrize("path", ["/email", '/a"b\\c', "/caf\u00e9", "/\x7f"])
+def test_the_access_line_is_the_text_the_general_event_writes(fmt: str, path: str) -> None:
+    """Logger.access writes the JSON_ONELINE access line without _line's loop; it must
+    be the very text info("access", ...) writes, for every shape of line."""
+    import itertools
+    names = list(ACCESS_VALUES)
+    for combo in itertools.product(*ACCESS_VALUES.values()):
+        fields = dict(zip(names, combo))
+        fast, general = Lines(), Lines()
+        for lines in (fast, general):
+            log = smsp.Logger(fmt, write=lines.write, host="h1", worker=2, wallclock=lambda: 3.5)
+            if lines is fast:
+                log.access("r-1", "POST", path, 503, 1.25, **fields)
+            else:
+                log.info("access", request_id="r-1", trace_id=fields["trace_id"],
+                         client=fields["client"], method="POST", path=path, status=503,
+                         duration_ms=1.25, provider=fields["provider"],
+                         delivery=fields["delivery"], reason=fields["reason"],
+                         replayed=fields["replayed"] or None)
+        assert fast == general, fields
+        if fmt == "JSON_ONELINE":
+            document = json.loads(fast[0])
+            assert document["path"] == path and document["status"] == 503
+            assert ("replayed" in document) is fields["replayed"]
+
 def test_debug_format_is_one_readable_line_and_debug_events_need_the_flag() -> None:
     lines = Lines()
     log = smsp.Logger("DEBUG", write=lines.write, wallclock=lambda: 0.0)
