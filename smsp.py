@@ -2097,6 +2097,15 @@ class HTTPProvider(Provider):
         self.client.close()
 
 
+class BearerKeyProvider(HTTPProvider):
+    """An HTTP provider whose key goes in ``Authorization: Bearer <key>``."""
+
+    def __init__(self, client: HTTPClient, api_key: str,
+                 redact: Callable[[str], str] = str) -> None:
+        super().__init__(client, redact)
+        self._authorization = f"Bearer {api_key}"
+
+
 def _quoted(text: str) -> str:
     """``text`` as a quoted-string (RFC 5322 3.2.4), as Content-Disposition parameters take it."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -2204,7 +2213,7 @@ class MailgunProvider(HTTPProvider):
 
 
 
-class SendGridProvider(HTTPProvider):
+class SendGridProvider(BearerKeyProvider):
     """``POST /v3/mail/send``, JSON, ``Bearer`` key; 202 with ``X-Message-Id``."""
 
     name = "sendgrid"
@@ -2223,11 +2232,6 @@ class SendGridProvider(HTTPProvider):
                       ) -> "SendGridProvider":
         return cls(context.http_client(values["sg_base_url"]), values["sg_api_key"],
                    context.redact)
-
-    def __init__(self, client: HTTPClient, api_key: str,
-                 redact: Callable[[str], str] = str) -> None:
-        super().__init__(client, redact)
-        self._authorization = f"Bearer {api_key}"
 
     @staticmethod
     def _party(address: Address) -> dict[str, str]:
@@ -2679,7 +2683,7 @@ class PostmarkProvider(HTTPProvider):
 RESEND_TEST_ADDRESS = "delivered@resend.dev"  # Resend's test inbox: accepted, not delivered
 
 
-class ResendProvider(HTTPProvider):
+class ResendProvider(BearerKeyProvider):
     """Resend ``POST /emails``, JSON, ``Bearer`` key; 200 with ``{id}``.
 
     Resend keeps an ``Idempotency-Key`` for 24 h: the same key and payload
@@ -2710,11 +2714,6 @@ class ResendProvider(HTTPProvider):
                       ) -> "ResendProvider":
         return cls(context.http_client(values["resend_base_url"]), values["resend_api_key"],
                    context.redact)
-
-    def __init__(self, client: HTTPClient, api_key: str,
-                 redact: Callable[[str], str] = str) -> None:
-        super().__init__(client, redact)
-        self._authorization = f"Bearer {api_key}"
 
     def cannot_carry(self, message: Message) -> str | None:
         pairs = tag_pairs(message)
@@ -4922,8 +4921,8 @@ def _email_operation(config: Config) -> dict[str, Any]:
             "502": answer("the provider failed; see delivery", "DeliveryError",
                           ("Idempotent-Replayed",)),
             "503": answer("every circuit is open (Retry-After says until when), the "
-                          "idempotency store is down, or the server is overloaded or "
-                          "shutting down; not sent", "DeliveryError", ("Retry-After",)),
+                          "idempotency store is down, or the server is overloaded; not sent",
+                          "DeliveryError", ("Retry-After",)),
             "504": answer("the provider did not answer in time; delivery unknown",
                           "DeliveryError", ("Idempotent-Replayed",)),
         },

@@ -29,17 +29,19 @@ import smsp
 from conftest import SERVER_KINDS, STORE_KINDS, shared_server
 from fakes import Delay, FakeMailgun, Hang
 from redis_server import ACL_RULES, RedisServer
-from testkit import Process, mailgun_env, smsp_process
 from testkit import (
     API_KEY,
     EMAIL,
     MG_DOMAIN,
     MG_KEY,
     FakeClock,
+    Process,
+    Running,
     free_port,
+    mailgun_env,
     make_config,
     running,
-    Running,
+    smsp_process,
     wait_for,
 )
 
