@@ -1799,6 +1799,65 @@ def idle_socket_open(sock: socket.socket | None) -> bool:
     return not poller.poll(0)  # readable on an idle connection means EOF or junk
 
 
+class _Closable(typing.Protocol):
+    def close(self) -> None: ...
+
+
+_C = typing.TypeVar("_C", bound=_Closable)
+
+
+class IdlePool(typing.Generic[_C]):
+    """Idle connections to one peer, kept for reuse: the HTTP and Redis clients' pools.
+
+    At most ``size`` wait, each at most ``max_idle`` seconds (None: no
+    limit); ``take(fit)`` returns the most recently used one that ``fit``
+    passes, closing the others it looks at, or None; ``put`` keeps one
+    (closing what is stale, or it when the pool is full).  Thread-safe:
+    connections are closed outside the lock.
+    """
+
+    def __init__(self, size: int, max_idle: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._size = size
+        self._max_idle = max_idle
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle: list[tuple[_C, float]] = []  # the oldest at the bottom
+
+    def _stale(self, since: float, now: float) -> bool:
+        return self._max_idle is not None and now - since > self._max_idle
+
+    def take(self, fit: Callable[[_C], bool]) -> _C | None:
+        now = self._clock()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                conn, since = self._idle.pop()
+            if not self._stale(since, now) and fit(conn):
+                return conn
+            conn.close()  # too old, or the peer closed it (a restart, its idle timeout)
+
+    def put(self, conn: _C) -> None:
+        now = self._clock()
+        closing = []
+        with self._lock:
+            while self._idle and self._stale(self._idle[0][1], now):
+                closing.append(self._idle.pop(0)[0])
+            if len(self._idle) < self._size:
+                self._idle.append((conn, now))
+            else:
+                closing.append(conn)  # the pool is full
+        for old in closing:
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+
 class HTTPClient:
     """POSTs to one provider over a small pool of persistent connections.
 
@@ -1820,46 +1879,21 @@ class HTTPClient:
         self._port = base_url.port or (443 if self._https else 80)
         self._context = (ssl_context or ssl.create_default_context()) if self._https else None
         self._watchdog = watchdog
-        self._size = pool_size
-        self._idle_limit = pool_idle
         self._clock = clock
-        self._lock = threading.Lock()
-        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._pool: IdlePool[http.client.HTTPConnection] = IdlePool(pool_size, pool_idle, clock)
         self.connections_made = 0  # for tests and the benchmark
 
     def _acquire(self) -> http.client.HTTPConnection:
-        now = self._clock()
-        while True:
-            with self._lock:
-                if not self._idle:
-                    break
-                conn, since = self._idle.pop()
-            if now - since <= self._idle_limit and idle_socket_open(conn.sock):
-                return conn
-            conn.close()
+        conn = self._pool.take(lambda idle: idle_socket_open(idle.sock))
+        if conn is not None:
+            return conn
         self.connections_made += 1
         if self._https:
             return http.client.HTTPSConnection(self._host, self._port, context=self._context)
         return http.client.HTTPConnection(self._host, self._port)
 
-    def _release(self, conn: http.client.HTTPConnection) -> None:
-        now = self._clock()
-        stale = []
-        with self._lock:
-            while self._idle and now - self._idle[0][1] > self._idle_limit:
-                stale.append(self._idle.pop(0)[0])  # the oldest sit at the bottom
-            if len(self._idle) < self._size:
-                self._idle.append((conn, now))
-            else:
-                stale.append(conn)  # the pool is full
-        for old in stale:
-            old.close()
-
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            conn.close()
+        self._pool.close()
 
     @staticmethod
     def _read_body(response: http.client.HTTPResponse) -> bytes:
@@ -1914,7 +1948,7 @@ class HTTPClient:
         if response.will_close or attempt.expired:
             conn.close()
         else:
-            self._release(conn)
+            self._pool.put(conn)
         return reply
 
 
@@ -3935,10 +3969,8 @@ class RedisClient:
         self._watchdog = watchdog
         self._timeout = timeout
         self._context = (ssl_context or ssl.create_default_context()) if address.tls else None
-        self._size = pool_size
         self._clock = clock
-        self._lock = threading.Lock()
-        self._idle: list[_RedisConnection] = []
+        self._pool: IdlePool[_RedisConnection] = IdlePool(pool_size, clock=clock)
         self.connections_made = 0  # for tests
 
     def execute(self, *commands: tuple[str | bytes | int, ...]) -> list[Any]:
@@ -3964,30 +3996,14 @@ class RedisClient:
         return self.call("EVAL", script.source, len(keys), *keys, *args)  # loads it too
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
     def _acquire(self) -> _RedisConnection:
-        while True:
-            with self._lock:
-                if not self._idle:
-                    break
-                conn = self._idle.pop()
-            if conn.fit_for_reuse():
-                return conn
-            conn.close()  # the server closed it (a restart, its idle timeout)
-        return self._connect()
+        return self._pool.take(_RedisConnection.fit_for_reuse) or self._connect()
 
     def _release(self, conn: _RedisConnection) -> None:
-        if conn.sock is None:
-            return
-        with self._lock:
-            if len(self._idle) < self._size:
-                self._idle.append(conn)
-                return
-        conn.close()
+        if conn.sock is not None:  # not closed by a failed exchange
+            self._pool.put(conn)
 
     def _handshake(self) -> list[tuple[str | bytes | int, ...]]:
         address = self._address

@@ -1621,6 +1621,46 @@ def test_smsp_threads_leave_sigterm_to_the_main_thread() -> None:
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours untouched
 
 
+class PooledThing:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_idle_pool_keeps_the_newest_fit_ones_and_closes_the_rest() -> None:
+    clock = FakeClock()
+    pool: smsp.IdlePool[PooledThing] = smsp.IdlePool(2, max_idle=10.0, clock=clock)
+    a, b, c = PooledThing("a"), PooledThing("b"), PooledThing("c")
+    for thing in (a, b, c):
+        pool.put(thing)
+    assert c.closed and not (a.closed or b.closed)  # full at two: the third is closed
+    assert pool.take(lambda t: True) is b  # the most recently used first
+    assert pool.take(lambda t: False) is None and a.closed  # unfit: closed, not returned
+    old, new = PooledThing("old"), PooledThing("new")
+    pool.put(old)
+    clock.advance(10.5)
+    pool.put(new)  # putting one drops what has been idle too long
+    assert old.closed and not new.closed
+    clock.advance(10.5)
+    assert pool.take(lambda t: True) is None and new.closed  # too old by the time it is asked for
+    kept = PooledThing("kept")
+    pool.put(kept)
+    pool.close()
+    assert kept.closed and pool.take(lambda t: True) is None
+
+
+def test_idle_pool_without_max_idle_keeps_them_however_long() -> None:
+    clock = FakeClock()
+    pool: smsp.IdlePool[PooledThing] = smsp.IdlePool(1, clock=clock)
+    thing = PooledThing("t")
+    pool.put(thing)
+    clock.advance(1e6)
+    assert pool.take(lambda t: True) is thing and not thing.closed
+
+
 def test_pool_drops_a_connection_idle_longer_than_pool_idle(mailgun: FakeMailgun) -> None:
     clock = FakeClock()
     watchdog = smsp.Watchdog(clock=clock)  # deadlines and pool ages on one clock
