@@ -748,11 +748,14 @@ def _raw_setting(row: Setting, env: Mapping[str, str], problems: list[str]) -> s
         return ""
     try:
         with open(path, encoding="utf-8") as file:
-            return file.read(MAX_SECRET_FILE).rstrip("\r\n")
+            text = file.read(MAX_SECRET_FILE).rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or "not UTF-8 text"
         problems.append(f"{row.env}_FILE cannot be read: {why} ({path})")
         return ""
+    if not text.strip():  # a secret mounted empty: say so rather than "is required"
+        problems.append(f"{row.env}_FILE names an empty file ({path})")
+    return text
 
 
 def parse_settings(rows: Iterable[Setting], env: Mapping[str, str],
@@ -3178,7 +3181,8 @@ def load_config(env: Mapping[str, str]) -> Config:
             continue
         own = provider_settings[name] = parse_settings(cls.settings, env, problems)
         missing = [f"{row.env} is required for provider {name}" for row in cls.settings
-                   if row.required and not own[row.field]]
+                   if row.required and not own[row.field]
+                   and not any(p.startswith(row.env) for p in problems)]
         problems += missing or cls.problems(own)
     config = Config(**values, provider_settings=provider_settings)
     problems += config.problems()

@@ -190,6 +190,14 @@ def test_a_secret_set_twice_or_unreadable_is_an_error_by_name(tmp_path: Path) ->
         smsp.load_config(env)
     assert caught.value.problems == [f"SMSP_API_KEY_FILE cannot be read: No such file or "
                                      f"directory ({tmp_path / 'missing'})"]
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for name, base in (("SMSP_API_KEY", {"SMSP_MOCK_EMAIL_SERVICE": "true"}),
+                       ("SMSP_MG_API_KEY", {k: v for k, v in REAL.items()
+                                            if k != "SMSP_MG_API_KEY"})):
+        with pytest.raises(smsp.ConfigError) as caught:
+            smsp.load_config({**base, f"{name}_FILE": str(empty)})
+        assert caught.value.problems == [f"{name}_FILE names an empty file ({empty})"]
 
 
 def test_only_secret_settings_read_a_file(tmp_path: Path) -> None:
