@@ -8,11 +8,13 @@ Usage::
 Each server named (a path to an smsp.py, or ``bare`` for bench/bare_server.py)
 runs in mock mode under ``valgrind --tool=callgrind`` with instrumentation
 off; after 200 warm-up requests it is switched on (``callgrind_control -i
-on``) while one keep-alive client sends ``--requests`` POST /email requests,
-then off, and the count is dumped.  The count repeats to within about 0.1 %
-whatever else the machine is doing, unlike timings on a shared machine.  One
-connection only: this counts the request path, not the cost of many threads
-taking turns (bench/run.py measures that).  Needs valgrind; it installs
+on``) while a client sends ``--requests`` POST /email requests over
+``--connections`` keep-alive connections (default 1), then off, and the
+count is dumped.  The count repeats to within about 0.1 % whatever else the
+machine is doing, unlike timings on a shared machine.  Valgrind runs one
+thread at a time, so with many connections it counts their instructions but
+not what threads waiting for the CPU or the GIL cost (bench/run.py measures
+that).  Needs valgrind; it installs
 nothing.  Prints one line per server: instructions per request.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import shutil
 import socket
 import subprocess
@@ -41,20 +44,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def send(port: int, count: int) -> int:
-    """Send ``count`` requests over one connection; how many were answered 200."""
-    ok = 0
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        replies = sock.makefile("rb")
-        for _ in range(count):
-            sock.sendall(REQUEST)
-            ok += replies.readline().startswith(b"HTTP/1.1 200")
-            length = 0
-            while (line := replies.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            replies.read(length)
+def send(port: int, count: int, connections: int = 1) -> int:
+    """Send ``count`` requests over ``connections`` keep-alive connections, each sending
+    its next request once its answer is in; how many were answered 200."""
+    selector = selectors.DefaultSelector()
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    sent = answered = ok = 0
+    try:
+        for sock in socks:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            selector.register(sock, selectors.EVENT_READ, bytearray())
+            if sent < count:
+                sock.sendall(REQUEST)
+                sent += 1
+        while answered < count:
+            for key, _ in selector.select():
+                sock, buffer = key.fileobj, key.data
+                data = sock.recv(65536)  # type: ignore[union-attr]
+                if not data:
+                    raise SystemExit("the server closed a connection")
+                buffer += data
+                while (end := buffer.find(b"\r\n\r\n")) >= 0:
+                    head = bytes(buffer[:end]).lower()
+                    length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+                    if len(buffer) < end + 4 + length:
+                        break
+                    ok += head.startswith(b"http/1.1 200")
+                    del buffer[:end + 4 + length]
+                    answered += 1
+                    if sent < count:
+                        sock.sendall(REQUEST)  # type: ignore[union-attr]
+                        sent += 1
+    finally:
+        for sock in socks:
+            sock.close()
     return ok
 
 
@@ -69,7 +92,7 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"the server on port {port} did not start")
 
 
-def count(server: str, requests: int, workdir: Path) -> float:
+def count(server: str, requests: int, connections: int, workdir: Path) -> float:
     port = free_port()
     script = BENCH_DIR / "bare_server.py" if server == "bare" else Path(server)
     out = workdir / f"callgrind.{port}"
@@ -87,7 +110,7 @@ def count(server: str, requests: int, workdir: Path) -> float:
         control = ["callgrind_control"]  # prints what it does on stderr
         subprocess.run([*control, "-i", "on", str(process.pid)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        answered = send(port, requests)
+        answered = send(port, requests, connections)
         for command in (["-i", "off"], ["-d"]):
             subprocess.run([*control, *command, str(process.pid)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,6 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("servers", nargs="*", default=[str(BENCH_DIR.parent / "smsp.py"), "bare"])
     parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--connections", type=int, default=1)
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -112,9 +136,9 @@ def main() -> int:
             return 2
     with tempfile.TemporaryDirectory() as workdir:
         for server in args.servers:
-            per_request = count(server, args.requests, Path(workdir))
+            per_request = count(server, args.requests, args.connections, Path(workdir))
             print(f"{server}: {per_request:,.0f} instructions per request "
-                  f"({args.requests} requests, one connection)")
+                  f"({args.requests} requests, {args.connections} connection(s))")
     return 0
 
 
