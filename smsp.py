@@ -4547,9 +4547,8 @@ def client_address(peer: str, forwarded: str | None,
                    proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
     """Who sent a request: the peer, unless the peer is a trusted proxy; then the
     rightmost X-Forwarded-For address that is not a trusted proxy itself (the
-    entries left of it could have been written by the client)."""
-    if not proxies:  # the usual case: no parsing at all
-        return peer
+    entries left of it could have been written by the client).  With no proxy
+    trusted it is the peer; the application then does not ask (the usual case)."""
     hops = [hop.strip() for hop in reversed((forwarded or "").split(",")) if hop.strip()]
     chain = [peer, *hops]
     for hop in chain:
@@ -5170,6 +5169,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         server = self.server
         context = server.ssl_context
+        self.peer = str(self.client_address[0])  # the socket's remote address
         self.conn = _Connection(server.clock() + server.client_timeout, self,
                                 tls=context is not None)
         server.watchdog.watch(self.conn)
@@ -5259,7 +5259,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = _BodyReader(self, headers, version)
             try:
                 response = server.app.handle(Request(method, path, headers, rid, body.read,
-                                                     str(self.client_address[0])))
+                                                     self.peer))
             except (ClientGone, OSError):
                 raise
             except Exception as exc:  # the one catch-all at the request boundary
@@ -5325,7 +5325,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         if started is not None:
             server.app.finished(method, path, response, server.clock() - started, rid,
-                                str(self.client_address[0]))
+                                self.peer)
 
 
 class _BodyReader:

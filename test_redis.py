@@ -810,10 +810,10 @@ def test_a_holder_killed_while_its_provider_hangs_leaves_the_key_unknown_never_r
         def settled() -> Any:
             answers: list[Any] = []
             post(other.port, "order-1", answers)
-            time.sleep(0.2)  # the poll interval: the liveness deadline is SMSP_TIMEOUT + 5 s
             return answers[0] if answers[0][0] != 409 else None
 
-        status, _, body = wait_for(settled, timeout=30)
+        # Asked every 0.2 s: the holder's liveness deadline is SMSP_TIMEOUT + 5 s away.
+        status, _, body = wait_for(settled, timeout=30, interval=0.2)
         assert (status, body["delivery"]) == (502, "unknown")
         assert "stopped after mailgun may have been given the message" in body["message"]
         assert access_reason(other.events, body["request_id"]) == "holder_lost"

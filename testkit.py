@@ -120,14 +120,16 @@ class Lines(list):
             time.sleep(0.01)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``condition`` until it returns something true (returned), or fail the test."""
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0,
+             interval: float = 0.01) -> Any:
+    """Poll ``condition`` every ``interval`` seconds until it returns something true
+    (returned), or fail the test."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.01)
+        time.sleep(interval)
     raise AssertionError("condition not met in time")
 
 
